@@ -1,0 +1,268 @@
+//! torchscale's `MultiheadAttention`: self- and cross-attention with key padding masks, causal
+//! masks, an incremental cache, relative position bias, xPos, Sub-LN and multiway projections.
+
+pub mod cache;
+pub mod relpos;
+pub mod xpos;
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+pub use cache::KvCache;
+pub use relpos::RelativePositionBias;
+pub use xpos::Xpos;
+
+use crate::dropout::dropout;
+use crate::layer_norm::LayerNorm;
+use crate::linear::{apply, linear};
+use crate::multiway::{Branch, Multiway};
+use crate::{Error, Result};
+
+/// Shape and options of one attention module.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    /// Model width C.
+    pub embed_dim: usize,
+    /// Number of heads H (C must be divisible by H).
+    pub num_heads: usize,
+    /// Self-attention (true) or encoder-decoder attention (false).
+    pub self_attention: bool,
+    /// Sub-LN: `inner_attn_ln` before `out_proj` (self-attention only).
+    pub inner_norm: bool,
+    /// xPos scale base, if xPos is on (self-attention only).
+    pub xpos_scale_base: Option<f64>,
+    /// Multiway A/B copies of the projections and the inner norm.
+    pub multiway: bool,
+    /// Dropout on the attention probabilities.
+    pub attention_dropout: f64,
+    /// LayerNorm epsilon.
+    pub layernorm_eps: f64,
+}
+
+/// Init gains of the projections: torchscale scales `v_proj` and `out_proj` (weights and biases),
+/// never `q_proj` or `k_proj`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionGains {
+    /// Gain of `v_proj`.
+    pub v: f64,
+    /// Gain of `out_proj`.
+    pub out: f64,
+}
+
+impl Default for AttentionGains {
+    fn default() -> Self {
+        Self { v: 1.0, out: 1.0 }
+    }
+}
+
+/// Per-call inputs besides the query and key/value tensors.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionInputs<'a> {
+    /// `[B, S]`, nonzero = padded key (any dtype).
+    pub key_padding_mask: Option<&'a Tensor>,
+    /// Additive `[T, S]` mask (causal: -inf above the diagonal).
+    pub attn_mask: Option<&'a Tensor>,
+    /// Relative position bias `[H, T, S]` or `[B, H, T, S]`, added after masking.
+    pub rel_pos: Option<&'a Tensor>,
+    /// With a cache: true when the whole prompt is processed at once.
+    pub is_first_step: bool,
+    /// Multiway branch.
+    pub branch: Branch,
+    /// Training mode (attention dropout).
+    pub train: bool,
+}
+
+/// Multi-head attention with torchscale's parameter names (`q_proj`, `k_proj`, `v_proj`,
+/// `out_proj`, `inner_attn_ln`, `xpos.scale`).
+#[derive(Debug, Clone)]
+pub struct MultiheadAttention {
+    q_proj: Multiway<Linear>,
+    k_proj: Multiway<Linear>,
+    v_proj: Multiway<Linear>,
+    out_proj: Multiway<Linear>,
+    inner_attn_ln: Option<Multiway<LayerNorm>>,
+    xpos: Option<Xpos>,
+    cfg: AttentionConfig,
+    head_dim: usize,
+}
+
+impl MultiheadAttention {
+    /// Builds the module under `vb`.
+    pub fn new(cfg: AttentionConfig, gains: AttentionGains, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.embed_dim;
+        if cfg.num_heads == 0 || c % cfg.num_heads != 0 {
+            return Err(Error::config(
+                "attention_heads",
+                format!("embed dim {c} is not divisible by {} heads", cfg.num_heads),
+            ));
+        }
+        let head_dim = c / cfg.num_heads;
+        let mw = cfg.multiway;
+        let k_proj = Multiway::new(mw, vb.pp("k_proj"), |vb| linear(c, c, true, 1.0, vb))?;
+        let v_proj = Multiway::new(mw, vb.pp("v_proj"), |vb| linear(c, c, true, gains.v, vb))?;
+        let q_proj = Multiway::new(mw, vb.pp("q_proj"), |vb| linear(c, c, true, 1.0, vb))?;
+        let out_proj = Multiway::new(mw, vb.pp("out_proj"), |vb| {
+            linear(c, c, true, gains.out, vb)
+        })?;
+        let inner_attn_ln = if cfg.inner_norm && cfg.self_attention {
+            Some(Multiway::new(mw, vb.pp("inner_attn_ln"), |vb| {
+                LayerNorm::new(c, cfg.layernorm_eps, vb)
+            })?)
+        } else {
+            None
+        };
+        let xpos = match cfg.xpos_scale_base {
+            Some(base) if cfg.self_attention => {
+                if head_dim % 2 != 0 {
+                    return Err(Error::config(
+                        "xpos_rel_pos",
+                        format!("xPos needs an even head dim, got {head_dim}"),
+                    ));
+                }
+                Some(Xpos::new(head_dim, base))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj,
+            inner_attn_ln,
+            xpos,
+            cfg,
+            head_dim,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AttentionConfig {
+        &self.cfg
+    }
+
+    /// The xPos module, if any (its `scale` is a checkpoint buffer).
+    pub fn xpos(&self) -> Option<&Xpos> {
+        self.xpos.as_ref()
+    }
+
+    /// Attends from `query: [B, T, C]` to `key_value: [B, S, C]`; with `cache`, new keys/values are
+    /// appended to it first. Returns `[B, T, C]`.
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        key_value: &Tensor,
+        inputs: &AttentionInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = query.dims3()?;
+        if c != self.cfg.embed_dim {
+            return Err(Error::shape(
+                "query",
+                format!("[B, T, {}]", self.cfg.embed_dim),
+                query.dims(),
+            ));
+        }
+        let (kb, s, kc) = key_value.dims3()?;
+        if kb != b || kc != c {
+            return Err(Error::shape(
+                "key",
+                format!("[{b}, S, {c}]"),
+                key_value.dims(),
+            ));
+        }
+        let h = self.cfg.num_heads;
+        let d = self.head_dim;
+        let br = inputs.branch;
+        let heads = |x: Tensor, len: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.apply(query, br, |l, x| apply(l, x))?, t)?;
+        let mut k = heads(self.k_proj.apply(key_value, br, |l, x| apply(l, x))?, s)?;
+        let mut v = heads(self.v_proj.apply(key_value, br, |l, x| apply(l, x))?, s)?;
+        let incremental = cache.is_some();
+        if let Some(cache) = cache {
+            (k, v) = cache.append(&k, &v)?;
+        }
+        let src_len = k.dim(2)?;
+        let mut q = (q * (d as f64).powf(-0.5))?;
+        if let Some(xpos) = &self.xpos {
+            let offset = if incremental && !inputs.is_first_step {
+                src_len - 1
+            } else {
+                0
+            };
+            k = xpos.forward(&k, 0, true)?;
+            q = xpos.forward(&q, offset, false)?;
+        }
+        let mut scores = q.matmul(&k.t()?)?; // [B, H, T, S]
+        let dtype = scores.dtype();
+        if let Some(mask) = inputs.attn_mask {
+            let mask = mask.to_dtype(dtype)?;
+            if mask.dims() != [t, src_len] {
+                return Err(Error::shape(
+                    "attn_mask",
+                    format!("[{t}, {src_len}]"),
+                    mask.dims(),
+                ));
+            }
+            scores = scores.broadcast_add(&mask)?;
+        }
+        if let Some(kpm) = inputs.key_padding_mask {
+            if kpm.dims() != [b, src_len] {
+                return Err(Error::shape(
+                    "key_padding_mask",
+                    format!("[{b}, {src_len}]"),
+                    kpm.dims(),
+                ));
+            }
+            let masked = kpm.ne(0u32)?.unsqueeze(1)?.unsqueeze(1)?; // [B,1,1,S]
+            let neg = Tensor::new(f32::NEG_INFINITY, scores.device())?
+                .to_dtype(dtype)?
+                .broadcast_as(scores.shape())?;
+            scores = masked
+                .broadcast_as(scores.shape())?
+                .where_cond(&neg, &scores)?;
+        }
+        if let Some(rel) = inputs.rel_pos {
+            let rel = match rel.rank() {
+                3 => rel.unsqueeze(0)?,
+                _ => rel.clone(),
+            };
+            scores = scores.broadcast_add(&rel.to_dtype(dtype)?)?;
+        }
+        let probs = softmax_f32(&scores)?;
+        let probs = dropout(&probs, self.cfg.attention_dropout, inputs.train)?;
+        let out = probs.matmul(&v)?; // [B, H, T, d]
+        let out = out.transpose(1, 2)?.reshape((b, t, c))?;
+        let out = match &self.inner_attn_ln {
+            Some(ln) => ln.apply(&out, br, |ln, x| ln.forward(x))?,
+            None => out,
+        };
+        self.out_proj.apply(&out, br, |l, x| apply(l, x))
+    }
+}
+
+/// Softmax over the last dimension in f32 (composed ops, so it has a backward), cast back.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = if dtype == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    Ok(candle_nn::ops::softmax(&xf, D::Minus1)?.to_dtype(dtype)?)
+}
+
+/// The additive causal mask `[T, T]`: -inf strictly above the diagonal.
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (t, t), device)?)
+}

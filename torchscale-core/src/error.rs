@@ -1,0 +1,135 @@
+//! The one error type of torchscale-rs.
+
+use candle_core::DType;
+
+/// Everything that can go wrong in torchscale-rs: each variant names the field, key or shape at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration field holds a value the model cannot be built with.
+    #[error("invalid config field `{field}`: {reason}")]
+    Config {
+        /// The torchscale name of the field.
+        field: String,
+        /// Why the value is rejected.
+        reason: String,
+    },
+    /// An input tensor has the wrong shape.
+    #[error("shape mismatch for `{what}`: expected {expected}, got {got:?}")]
+    Shape {
+        /// Which input.
+        what: String,
+        /// What was expected, in words (for example `[B, T]`).
+        expected: String,
+        /// The shape received.
+        got: Vec<usize>,
+    },
+    /// An input tensor has the wrong dtype.
+    #[error("dtype mismatch for `{what}`: expected {expected:?}, got {got:?}")]
+    DType {
+        /// Which input.
+        what: String,
+        /// The dtype expected.
+        expected: DType,
+        /// The dtype received.
+        got: DType,
+    },
+    /// A checkpoint lacks a tensor the model needs.
+    #[error("checkpoint is missing tensor `{key}`")]
+    MissingTensor {
+        /// The state_dict key.
+        key: String,
+    },
+    /// A checkpoint tensor has the wrong shape.
+    #[error("checkpoint tensor `{key}` has shape {got:?}, the model expects {expected:?}")]
+    TensorShape {
+        /// The state_dict key.
+        key: String,
+        /// The shape the model has.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A checkpoint holds a tensor the model does not have.
+    #[error("checkpoint has unexpected tensor `{key}`")]
+    UnexpectedTensor {
+        /// The state_dict key.
+        key: String,
+    },
+    /// A file could not be read or parsed.
+    #[error("cannot read `{path}`: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A value that must be finite was NaN or infinite.
+    #[error("non-finite value in {what}")]
+    NonFinite {
+        /// Where it was found.
+        what: String,
+    },
+    /// An argument outside the shapes and dtypes checks (an index out of range, an empty input...).
+    #[error("invalid argument `{what}`: {reason}")]
+    Invalid {
+        /// The argument.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A [`Error::Config`] for `field`.
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+    /// A [`Error::Shape`] for `what`.
+    pub fn shape(what: impl Into<String>, expected: impl Into<String>, got: &[usize]) -> Self {
+        Error::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+    /// A [`Error::Invalid`] for `what`.
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks a tensor's dtype, naming the input on failure.
+pub fn expect_dtype(t: &candle_core::Tensor, what: &str, expected: DType) -> Result<()> {
+    if t.dtype() != expected {
+        return Err(Error::DType {
+            what: what.into(),
+            expected,
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a tensor's rank, naming the input on failure.
+pub fn expect_rank(t: &candle_core::Tensor, what: &str, rank: usize, pattern: &str) -> Result<()> {
+    if t.rank() != rank {
+        return Err(Error::shape(what, pattern, t.dims()));
+    }
+    Ok(())
+}

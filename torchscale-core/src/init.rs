@@ -1,0 +1,153 @@
+//! Parameter storage with PyTorch's default initialisation and a seedable generator.
+//!
+//! candle's `VarMap` draws from an unseeded generator and its `linear` uses Kaiming-normal; torchscale
+//! keeps PyTorch's defaults (uniform ±1/√fan_in for Linear weight and bias, N(0, 1) for Embedding).
+//! [`ParamStore`] is a `VarMap` whose fresh variables come from a seeded generator, so the same
+//! seed builds the same model.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A `VarMap` plus a seeded generator: the trainable parameters of a model, by state_dict name.
+#[derive(Clone)]
+pub struct ParamStore {
+    map: VarMap,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+impl std::fmt::Debug for ParamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamStore")
+            .field("len", &self.map.all_vars().len())
+            .finish()
+    }
+}
+
+impl ParamStore {
+    /// An empty store whose fresh parameters are drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            map: VarMap::new(),
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
+        }
+    }
+
+    /// A `VarBuilder` that creates (or reuses) variables in this store.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// The underlying `VarMap`.
+    pub fn var_map(&self) -> &VarMap {
+        &self.map
+    }
+
+    /// Every parameter with its name, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.map.data().lock().expect("param store lock");
+        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every parameter, sorted by name.
+    pub fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The parameter called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<Var> {
+        self.map
+            .data()
+            .lock()
+            .expect("param store lock")
+            .get(name)
+            .cloned()
+    }
+
+    fn sample(&self, shape: &Shape, init: Init) -> Vec<f32> {
+        let n = shape.elem_count();
+        let mut rng = self.rng.lock().expect("param store rng lock");
+        match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..=up) as f32).collect(),
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * std_normal(&mut *rng)) as f32)
+                .collect(),
+            Init::Kaiming { .. } => {
+                // Not used by torchscale-rs; fall back to PyTorch's default Linear bound.
+                let fan_in = shape.dims().last().copied().unwrap_or(1).max(1) as f64;
+                let b = 1.0 / fan_in.sqrt();
+                (0..n).map(|_| rng.random_range(-b..=b) as f32).collect()
+            }
+        }
+    }
+}
+
+/// One standard normal draw (Box-Muller), so no distribution crate is needed.
+pub fn std_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(v) = self.map.data().lock().expect("param store lock").get(name) {
+            if v.shape() != &s {
+                candle_core::bail!(
+                    "shape mismatch for {name}, expected {s:?}, got {:?}",
+                    v.shape()
+                );
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let data = self.sample(&s, h);
+        let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
+        let var = Var::from_tensor(&t)?;
+        self.map
+            .data()
+            .lock()
+            .expect("param store lock")
+            .insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.map.data().lock().expect("param store lock").get(name) {
+            Some(v) => Ok(v.as_tensor().clone()),
+            None => candle_core::bail!("no parameter {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map
+            .data()
+            .lock()
+            .expect("param store lock")
+            .contains_key(name)
+    }
+}
+
+/// PyTorch's default init of a Linear's weight and bias, scaled by `gain`:
+/// uniform in ±gain/√fan_in (DeepNorm's β and Sub-LN's γ multiply exactly this).
+pub fn linear_init(fan_in: usize, gain: f64) -> Init {
+    let b = gain / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
