@@ -1,17 +1,29 @@
 //! The `Router` trait: token features in, expert choices (as indices) out.
+//!
+//! The discrete part of a routing (which expert, which slot, kept or not) is small and lives on
+//! the host as plain vectors; the continuous part (logits, probabilities, combine weights, the
+//! balance loss) stays in candle's graph so that the gate receives gradients.
 
 use candle_core::Tensor;
 
 use crate::Result;
 
 /// Routing statistics of one MoE call.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RoutingStats {
-    /// Tokens kept per expert (after capacity).
+    /// Assignments kept per expert (after capacity), first and second choices together.
     pub tokens_per_expert: Vec<usize>,
     /// Assignments dropped by capacity (first and second choices together).
     pub dropped: usize,
-    /// Mean entropy of the gate distribution, in nats.
+    /// First choices dropped by capacity.
+    pub dropped_first: usize,
+    /// Second choices dropped by capacity (after the second-expert policy kept them).
+    pub dropped_second: usize,
+    /// Non-padding tokens that ended up with no expert at all (their MoE output is 0).
+    pub tokens_without_expert: usize,
+    /// Slots per expert.
+    pub capacity: usize,
+    /// Mean entropy of the gate distribution over all tokens, in nats.
     pub entropy: f64,
 }
 
@@ -26,23 +38,89 @@ pub struct AuxOutput {
     pub stats: RoutingStats,
 }
 
+/// What became of one expert choice of one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChoiceStatus {
+    /// Routed: the token occupies `slot` in its expert's buffer.
+    Kept,
+    /// Routed, but its slot was `>= capacity`.
+    DroppedByCapacity,
+    /// A second choice that the `random` second-expert policy did not keep.
+    NotSampled,
+    /// The token is padding and is never routed.
+    Padding,
+}
+
+impl ChoiceStatus {
+    /// True for [`ChoiceStatus::Kept`].
+    pub fn is_kept(self) -> bool {
+        self == ChoiceStatus::Kept
+    }
+}
+
 /// The routing of `S` tokens to `E` experts with `k` choices each, as indices.
+///
+/// Per-choice vectors have `S * k` entries, choice `j` of token `s` at `s * k + j` (j = 0 is the
+/// first choice).
 #[derive(Debug, Clone)]
 pub struct Routing {
-    /// `[S, k]` u32 expert of each choice.
-    pub expert: Tensor,
-    /// `[S, k]` u32 slot of each choice in its expert's buffer (meaningful where kept).
-    pub slot: Tensor,
-    /// `[S, k]` f32 combine weight of each choice (differentiable; 0 where dropped).
-    pub gate: Tensor,
-    /// `[S, k]` u8, 1 where the choice is kept.
-    pub kept: Tensor,
+    /// Number of experts E.
+    pub num_experts: usize,
+    /// Choices per token (1 or 2).
+    pub k: usize,
     /// Slots per expert.
     pub capacity: usize,
-    /// Load-balancing loss (scalar).
+    /// Expert of each choice.
+    pub expert: Vec<u32>,
+    /// Position of each choice in its expert's buffer, counted before dropping (so it may be
+    /// `>= capacity` for a dropped choice; 0 for padding and unsampled choices).
+    pub slot: Vec<u32>,
+    /// What became of each choice.
+    pub status: Vec<ChoiceStatus>,
+    /// `[S, k]` combine weight of each choice, in the graph of the gate; 0 where not kept.
+    pub gate: Tensor,
+    /// `[S, E]` gate logits (f32, or f64 for f64 input).
+    pub logits: Tensor,
+    /// `[S, E]` softmax of the logits.
+    pub probs: Tensor,
+    /// `[S]` best expert by logit once the first choice is excluded (noise-free; diagnostics).
+    pub runner_up: Vec<u32>,
+    /// `[S]` the random second-expert policy's decision (`2 g2 > u`), when that policy ran.
+    pub sampled: Option<Vec<bool>>,
+    /// Load-balancing loss (rank-0 tensor, in the graph of the gate).
     pub balance_loss: Tensor,
     /// Statistics.
     pub stats: RoutingStats,
+}
+
+impl Routing {
+    /// Number of tokens S.
+    pub fn num_tokens(&self) -> usize {
+        self.expert.len().checked_div(self.k).unwrap_or(0)
+    }
+
+    /// True when choice `j` of token `s` is kept.
+    pub fn is_kept(&self, s: usize, j: usize) -> bool {
+        self.status
+            .get(s * self.k + j)
+            .is_some_and(|st| st.is_kept())
+    }
+
+    /// `(token, choice, expert, slot)` of every kept choice, in token order.
+    pub fn kept_choices(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut out = Vec::new();
+        for (i, st) in self.status.iter().enumerate() {
+            if st.is_kept() {
+                out.push((
+                    i / self.k,
+                    i % self.k,
+                    self.expert[i] as usize,
+                    self.slot[i] as usize,
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// Options of one routing call.
@@ -50,16 +128,23 @@ pub struct Routing {
 pub struct RouteOptions<'a> {
     /// Training mode (selects the capacity rule).
     pub train: bool,
-    /// `[S]` uniforms for the random second-expert policy; drawn internally when absent.
+    /// Uniform draws in `[0, 1)` for the second-expert policy: `[S]` for `random`
+    /// (keep iff `2 g2 > u`), `[S, E]` for `sampling` (turned into Gumbel noise). Drawn from a
+    /// generator when absent (see `seed`).
     pub uniform: Option<&'a Tensor>,
     /// `[S]` nonzero = padding token (never routed).
     pub padding: Option<&'a Tensor>,
+    /// When `uniform` is absent: draw from a generator seeded with this value for this call;
+    /// when this is absent too, the router's own seeded generator is used.
+    pub seed: Option<u64>,
 }
 
 /// Maps token features `[S, C]` to expert choices with capacity.
 pub trait Router: Send + Sync {
     /// Number of experts E.
     fn num_experts(&self) -> usize;
+    /// Choices per token (1 for top-1, 2 for top-2).
+    fn top_k(&self) -> usize;
     /// Routes `x: [S, C]`.
     fn route(&self, x: &Tensor, opts: &RouteOptions) -> Result<Routing>;
 }

@@ -1,1 +1,44 @@
-fn main() {}
+//! `cargo xtask <command>`: parity, ...
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use xtask::parity::{run_all, TolMode};
+
+const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else { bail!("{USAGE}") };
+    match cmd.as_str() {
+        "parity" => parity(&args[1..]),
+        other => bail!("unknown command `{other}`\n{USAGE}"),
+    }
+}
+
+fn parity(args: &[String]) -> Result<()> {
+    let mut mode = TolMode::Strict;
+    let mut paths = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--tolerance" => {
+                mode = match it.next().map(String::as_str) {
+                    Some("strict") => TolMode::Strict,
+                    Some("default") => TolMode::Default,
+                    _ => bail!("--tolerance takes strict or default"),
+                }
+            }
+            p => paths.push(PathBuf::from(p)),
+        }
+    }
+    if paths.is_empty() {
+        paths.push(PathBuf::from("testdata/golden"));
+    }
+    let files = xtask::golden::collect_files(&paths)?;
+    let (_, failed, _) = run_all(&files, mode);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! Validation rules shared by the three config structs. Each failure is an
+//! [`Error::Config`](torchscale_core::Error::Config) naming the torchscale field at fault.
+
+use torchscale_core::{Error, Result};
+
+/// Accepted `moe_second_expert_policy` values. torchscale treats any other string as "all"; we
+/// reject it so a typo is not silently turned into a different routing rule.
+pub const SECOND_EXPERT_POLICIES: [&str; 3] = ["sampling", "random", "all"];
+
+/// Accepted `admin_output_change_scale` values (admin-torch's `output_change_scale`).
+pub const ADMIN_OUTPUT_CHANGE_SCALES: [&str; 4] = ["default", "O(logn)", "O(n)", "O(1)"];
+
+/// The fields every config has, copied out so one function checks them for all three structs.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared<'a> {
+    pub dropout: f64,
+    pub attention_dropout: f64,
+    pub activation_dropout: f64,
+    pub drop_path_rate: f64,
+    pub layernorm_eps: f64,
+    pub vocab_size: i64,
+    pub xpos_scale_base: usize,
+    pub moe_freq: usize,
+    pub moe_expert_count: usize,
+    pub moe_top1_expert: bool,
+    pub moe_eval_capacity_token_fraction: f64,
+    pub moe_second_expert_policy: &'a str,
+    pub use_xmoe: bool,
+    pub xmoe_paper_routing: bool,
+    pub rel_pos_buckets: usize,
+    pub max_rel_pos: usize,
+    pub deepnorm: bool,
+    pub subln: bool,
+    pub admin: bool,
+    pub admin_output_change_scale: &'a str,
+}
+
+/// Builds a [`Shared`] view of any of the three config structs (they share these field names).
+macro_rules! shared_view {
+    ($c:expr) => {
+        $crate::config::validate::Shared {
+            dropout: $c.dropout,
+            attention_dropout: $c.attention_dropout,
+            activation_dropout: $c.activation_dropout,
+            drop_path_rate: $c.drop_path_rate,
+            layernorm_eps: $c.layernorm_eps,
+            vocab_size: $c.vocab_size,
+            xpos_scale_base: $c.xpos_scale_base,
+            moe_freq: $c.moe_freq,
+            moe_expert_count: $c.moe_expert_count,
+            moe_top1_expert: $c.moe_top1_expert,
+            moe_eval_capacity_token_fraction: $c.moe_eval_capacity_token_fraction,
+            moe_second_expert_policy: &$c.moe_second_expert_policy,
+            use_xmoe: $c.use_xmoe,
+            xmoe_paper_routing: $c.xmoe_paper_routing,
+            rel_pos_buckets: $c.rel_pos_buckets,
+            max_rel_pos: $c.max_rel_pos,
+            deepnorm: $c.deepnorm,
+            subln: $c.subln,
+            admin: $c.admin,
+            admin_output_change_scale: &$c.admin_output_change_scale,
+        }
+    };
+}
+pub(crate) use shared_view;
+
+/// A dropout-like probability: finite and in `[0, 1)` (1 would divide by zero when rescaling).
+pub(crate) fn probability(field: &str, p: f64) -> Result<()> {
+    if !p.is_finite() || !(0.0..1.0).contains(&p) {
+        return Err(Error::config(field, format!("must be in [0, 1), got {p}")));
+    }
+    Ok(())
+}
+
+/// The shape fields of one stack; `prefix` is `encoder` or `decoder`.
+pub(crate) fn stack(
+    prefix: &str,
+    embed_dim: usize,
+    heads: usize,
+    ffn_dim: usize,
+    layers: usize,
+    xpos_rel_pos: bool,
+) -> Result<()> {
+    if embed_dim == 0 {
+        return Err(Error::config(format!("{prefix}_embed_dim"), "must be > 0"));
+    }
+    if heads == 0 {
+        return Err(Error::config(format!("{prefix}_attention_heads"), "must be > 0"));
+    }
+    // torchscale floors d / H silently and then fails in a reshape; say why up front.
+    if embed_dim % heads != 0 {
+        return Err(Error::config(
+            format!("{prefix}_attention_heads"),
+            format!("{prefix}_embed_dim {embed_dim} is not divisible by {heads} heads"),
+        ));
+    }
+    if ffn_dim == 0 {
+        return Err(Error::config(format!("{prefix}_ffn_embed_dim"), "must be > 0"));
+    }
+    if layers == 0 {
+        return Err(Error::config(format!("{prefix}_layers"), "must be > 0"));
+    }
+    let head_dim = embed_dim / heads;
+    // xPos rotates interleaved pairs of the head dimension.
+    if xpos_rel_pos && head_dim % 2 != 0 {
+        return Err(Error::config(
+            "xpos_rel_pos",
+            format!("needs an even head dimension, {prefix}_embed_dim / heads = {head_dim}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A learned-positions table size.
+pub(crate) fn positions(field: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::config(field, "must be > 0"));
+    }
+    Ok(())
+}
+
+/// `admin` excludes the other schemes; `normalize_before` lists the stacks' flags after
+/// finalisation (with the default `subln = true` the user must switch Sub-LN off).
+pub(crate) fn admin(s: &Shared<'_>, normalize_before: &[(&str, bool)]) -> Result<()> {
+    if !s.admin {
+        return Ok(());
+    }
+    if s.deepnorm {
+        return Err(Error::config("admin", "cannot be combined with deepnorm"));
+    }
+    if s.subln {
+        return Err(Error::config(
+            "admin",
+            "cannot be combined with subln (the torchscale default; set subln = false)",
+        ));
+    }
+    for (name, on) in normalize_before {
+        if *on {
+            return Err(Error::config(
+                "admin",
+                format!("is a Post-LN scheme: set {name} = false"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every rule on the shared fields.
+pub(crate) fn shared(s: &Shared<'_>) -> Result<()> {
+    probability("dropout", s.dropout)?;
+    probability("attention_dropout", s.attention_dropout)?;
+    probability("activation_dropout", s.activation_dropout)?;
+    probability("drop_path_rate", s.drop_path_rate)?;
+    if !s.layernorm_eps.is_finite() || s.layernorm_eps <= 0.0 {
+        return Err(Error::config(
+            "layernorm_eps",
+            format!("must be finite and > 0, got {}", s.layernorm_eps),
+        ));
+    }
+    // -1 (torchscale's default) and any value <= 0 mean "no output projection" there; we accept
+    // only -1 so that 0 (a likely mistake) is caught.
+    if s.vocab_size == 0 || s.vocab_size < -1 {
+        return Err(Error::config(
+            "vocab_size",
+            format!("must be > 0, or -1 for no output projection; got {}", s.vocab_size),
+        ));
+    }
+    if s.xpos_scale_base == 0 {
+        return Err(Error::config("xpos_scale_base", "must be > 0"));
+    }
+    moe(s)?;
+    rel_pos(s.rel_pos_buckets, s.max_rel_pos)?;
+    if !ADMIN_OUTPUT_CHANGE_SCALES.contains(&s.admin_output_change_scale) {
+        return Err(Error::config(
+            "admin_output_change_scale",
+            format!(
+                "unknown value `{}` (expected one of {ADMIN_OUTPUT_CHANGE_SCALES:?})",
+                s.admin_output_change_scale
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn moe(s: &Shared<'_>) -> Result<()> {
+    // torchscale asserts this in post-processing.
+    if s.use_xmoe && (s.moe_freq == 0 || s.moe_expert_count == 0) {
+        return Err(Error::config(
+            "use_xmoe",
+            format!(
+                "needs MoE layers: moe_freq = {} and moe_expert_count = {} must both be > 0",
+                s.moe_freq, s.moe_expert_count
+            ),
+        ));
+    }
+    if s.moe_freq > 0 && s.moe_expert_count == 0 {
+        return Err(Error::config("moe_expert_count", "must be > 0 when moe_freq > 0"));
+    }
+    // Top-2 picks the second expert among the others; with one expert there is none.
+    if s.moe_freq > 0 && !s.moe_top1_expert && s.moe_expert_count < 2 {
+        return Err(Error::config(
+            "moe_expert_count",
+            "top-2 gating (moe_top1_expert = false) needs at least 2 experts",
+        ));
+    }
+    if !s.moe_eval_capacity_token_fraction.is_finite() {
+        return Err(Error::config(
+            "moe_eval_capacity_token_fraction",
+            "must be finite",
+        ));
+    }
+    if !SECOND_EXPERT_POLICIES.contains(&s.moe_second_expert_policy) {
+        return Err(Error::config(
+            "moe_second_expert_policy",
+            format!(
+                "unknown policy `{}` (expected one of {SECOND_EXPERT_POLICIES:?})",
+                s.moe_second_expert_policy
+            ),
+        ));
+    }
+    if s.xmoe_paper_routing && !s.use_xmoe {
+        return Err(Error::config("xmoe_paper_routing", "requires use_xmoe = true"));
+    }
+    Ok(())
+}
+
+/// T5 buckets (bidirectional everywhere in torchscale): half the buckets per direction, half of
+/// those exact, so the log branch divides by ln(max_rel_pos / (buckets / 4)).
+fn rel_pos(buckets: usize, max_rel_pos: usize) -> Result<()> {
+    match (buckets > 0, max_rel_pos > 0) {
+        (false, false) => Ok(()),
+        // torchscale silently builds no bias when only one is set; we report the missing one.
+        (true, false) => Err(Error::config(
+            "max_rel_pos",
+            format!("must be > 0 when rel_pos_buckets = {buckets} (else no relative bias is built)"),
+        )),
+        (false, true) => Err(Error::config(
+            "rel_pos_buckets",
+            format!("must be > 0 when max_rel_pos = {max_rel_pos} (else no relative bias is built)"),
+        )),
+        (true, true) => {
+            let max_exact = buckets / 4;
+            if max_exact == 0 {
+                return Err(Error::config(
+                    "rel_pos_buckets",
+                    format!("must be >= 4 (got {buckets}): the bucket formula divides by buckets / 4"),
+                ));
+            }
+            if max_rel_pos <= max_exact {
+                return Err(Error::config(
+                    "max_rel_pos",
+                    format!(
+                        "must exceed rel_pos_buckets / 4 = {max_exact} (got {max_rel_pos}), else the log buckets are undefined"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(r: Result<()>) -> String {
+        match r {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn probabilities() {
+        assert!(probability("dropout", 0.0).is_ok());
+        assert!(probability("dropout", 0.999).is_ok());
+        for bad in [-0.1, 1.0, 1.5, f64::NAN, f64::INFINITY] {
+            assert_eq!(field(probability("dropout", bad)), "dropout");
+        }
+    }
+
+    #[test]
+    fn stack_rules() {
+        assert!(stack("encoder", 32, 4, 64, 2, true).is_ok());
+        assert_eq!(field(stack("encoder", 0, 4, 64, 2, false)), "encoder_embed_dim");
+        assert_eq!(field(stack("decoder", 32, 0, 64, 2, false)), "decoder_attention_heads");
+        assert_eq!(field(stack("decoder", 30, 4, 64, 2, false)), "decoder_attention_heads");
+        assert_eq!(field(stack("encoder", 32, 4, 0, 2, false)), "encoder_ffn_embed_dim");
+        assert_eq!(field(stack("encoder", 32, 4, 64, 0, false)), "encoder_layers");
+        // head dim 32 / 32 = 1 is odd.
+        assert_eq!(field(stack("encoder", 32, 32, 64, 2, true)), "xpos_rel_pos");
+        assert!(stack("encoder", 32, 32, 64, 2, false).is_ok());
+    }
+
+    #[test]
+    fn rel_pos_rules() {
+        assert!(rel_pos(0, 0).is_ok());
+        assert!(rel_pos(16, 8).is_ok());
+        assert!(rel_pos(32, 128).is_ok());
+        assert_eq!(field(rel_pos(16, 0)), "max_rel_pos");
+        assert_eq!(field(rel_pos(0, 8)), "rel_pos_buckets");
+        assert_eq!(field(rel_pos(3, 8)), "rel_pos_buckets");
+        // 16 buckets: 4 exact per direction, so max_rel_pos must be > 4.
+        assert_eq!(field(rel_pos(16, 4)), "max_rel_pos");
+        assert!(rel_pos(16, 5).is_ok());
+    }
+}

@@ -1,0 +1,198 @@
+//! torchscale's `Encoder`.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use torchscale_core::attention::RelativePositionBias;
+use torchscale_core::embedding::TokenEmbedding;
+use torchscale_core::layer_norm::LayerNorm;
+use torchscale_core::linear::{apply, linear_normal};
+use torchscale_core::{AuxOutput, Branch, Error, Multiway, Result, Stabilizer};
+
+use crate::embed::EmbeddingStage;
+use crate::layer::{Layer, LayerInputs};
+use crate::spec::StackSpec;
+
+/// Options of one encoder call.
+#[derive(Debug, Default, Clone)]
+pub struct EncoderInputs<'a> {
+    /// `[B, T]`, nonzero = padded (torchscale: `encoder_padding_mask`). None: no padding.
+    pub padding_mask: Option<&'a Tensor>,
+    /// Optional `[T, T]` mask: nonzero entries are blocked (torchscale adds -1e8 there).
+    pub attn_mask: Option<&'a Tensor>,
+    /// Return features instead of logits.
+    pub features_only: bool,
+    /// Collect each layer's output in `encoder_states`.
+    pub return_all_hiddens: bool,
+    /// Multiway split (torchscale's `multiway_split_position`).
+    pub branch: Branch,
+    /// Training mode.
+    pub train: bool,
+    /// MoE uniforms, one `[S]` tensor per layer index (None: drawn internally).
+    pub moe_uniforms: Vec<Option<Tensor>>,
+}
+
+/// What `Encoder::forward` returns (torchscale's dict).
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// Logits `[B, T, V]` if the encoder has an output projection and not `features_only`,
+    /// else features `[B, T, C]` (after the final LayerNorm, if any).
+    pub encoder_out: Tensor,
+    /// Scaled token embedding, before positions.
+    pub encoder_embedding: Tensor,
+    /// The padding mask (u8, 1 = padded).
+    pub encoder_padding_mask: Tensor,
+    /// Embedding output then each layer's output (before the final LayerNorm), if asked.
+    pub encoder_states: Vec<Tensor>,
+    /// Per layer: the MoE balance loss, None for dense layers.
+    pub l_aux: Vec<Option<Tensor>>,
+    /// MoE outputs with routing statistics.
+    pub aux: Vec<AuxOutput>,
+}
+
+/// A Transformer encoder with torchscale's state_dict layout.
+#[derive(Debug)]
+pub struct Encoder {
+    embed: EmbeddingStage,
+    layers: Vec<Layer>,
+    layer_norm: Option<Multiway<LayerNorm>>,
+    relative_position: Option<RelativePositionBias>,
+    output_projection: Option<Linear>,
+    spec: StackSpec,
+    stabilizer: Box<dyn Stabilizer>,
+}
+
+impl Encoder {
+    /// Builds the encoder under `vb`. `in_encoder_decoder` suppresses the output projection.
+    pub fn from_spec(
+        spec: StackSpec,
+        stabilizer: Box<dyn Stabilizer>,
+        in_encoder_decoder: bool,
+        tokens: Option<TokenEmbedding>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vocab = usize::try_from(spec.vocab_size.max(0)).unwrap_or(0);
+        if vocab == 0 && tokens.is_none() {
+            return Err(Error::config("vocab_size", "the encoder needs a vocabulary for its token embedding"));
+        }
+        let vocab = tokens.as_ref().map(|t| t.vocab_size()).unwrap_or(vocab);
+        let embed = EmbeddingStage::new(&spec, spec.multiway, tokens, vocab, vb.clone())?;
+        let layers = (0..spec.layers)
+            .map(|i| Layer::new(&spec, stabilizer.as_ref(), i, false, false, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let layer_norm = if stabilizer.final_norm() && spec.normalize_output {
+            Some(Multiway::new(spec.multiway, vb.pp("layer_norm"), |vb| {
+                LayerNorm::new(spec.embed_dim, spec.layernorm_eps, vb)
+            })?)
+        } else {
+            None
+        };
+        let relative_position = if spec.rel_pos() {
+            Some(RelativePositionBias::new(spec.rel_pos_buckets, spec.max_rel_pos, spec.heads, vb.pp("relative_position"))?)
+        } else {
+            None
+        };
+        let output_projection = if !in_encoder_decoder && spec.vocab_size > 0 && !spec.no_output_layer {
+            if spec.share_input_output_embed {
+                Some(Linear::new(embed.tokens.weight().clone(), None))
+            } else {
+                let std = (spec.embed_dim as f64).powf(-0.5);
+                Some(linear_normal(spec.embed_dim, spec.vocab_size as usize, std, vb.pp("output_projection"))?)
+            }
+        } else {
+            None
+        };
+        Ok(Self { embed, layers, layer_norm, relative_position, output_projection, spec, stabilizer })
+    }
+
+    /// The stack description.
+    pub fn spec(&self) -> &StackSpec {
+        &self.spec
+    }
+
+    /// The technique in use.
+    pub fn stabilizer(&self) -> &dyn Stabilizer {
+        self.stabilizer.as_ref()
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The token embedding.
+    pub fn embed_tokens(&self) -> &TokenEmbedding {
+        &self.embed.tokens
+    }
+
+    /// Non-trainable tensors torchscale keeps in its state_dict (xPos scales), by key.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        crate::checkpoint::layer_buffers(&self.layers, "")
+    }
+
+    /// Encodes `src_tokens: [B, T]`.
+    pub fn forward(&self, src_tokens: &Tensor, inp: &EncoderInputs) -> Result<EncoderOutput> {
+        let (b, t) = src_tokens
+            .dims2()
+            .map_err(|_| Error::shape("src_tokens", "[B, T]", src_tokens.dims()))?;
+        let dev = src_tokens.device();
+        let mask = match inp.padding_mask {
+            Some(m) => {
+                if m.dims() != [b, t] {
+                    return Err(Error::shape("encoder_padding_mask", format!("[{b}, {t}]"), m.dims()));
+                }
+                m.ne(0u32)?
+            }
+            None => Tensor::zeros((b, t), DType::U8, dev)?,
+        };
+        let (x, embed) = self.embed.forward(src_tokens, 0, inp.branch, inp.train)?;
+        let keep = mask.eq(0u32)?.to_dtype(x.dtype())?.unsqueeze(2)?;
+        let mut x = x.broadcast_mul(&keep)?;
+        let rel = match &self.relative_position {
+            Some(r) => Some(r.forward(t, t, 0)?),
+            None => None,
+        };
+        let attn_mask = match inp.attn_mask {
+            Some(m) => {
+                if m.dims() != [t, t] {
+                    return Err(Error::shape("attn_mask", format!("[{t}, {t}]"), m.dims()));
+                }
+                let blocked = m.ne(0u32)?;
+                let z = Tensor::zeros((t, t), x.dtype(), dev)?;
+                Some(blocked.where_cond(&(z.ones_like()? * -1e8)?, &z)?)
+            }
+            None => None,
+        };
+        let mut states = Vec::new();
+        if inp.return_all_hiddens {
+            states.push(x.clone());
+        }
+        let mut aux = Vec::new();
+        let mut l_aux = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let li = LayerInputs {
+                self_padding_mask: Some(&mask),
+                self_attn_mask: attn_mask.as_ref(),
+                self_rel_pos: rel.as_ref(),
+                branch: inp.branch,
+                train: inp.train,
+                moe_uniform: inp.moe_uniforms.get(i).and_then(|u| u.as_ref()),
+                time_major: true,
+                ..Default::default()
+            };
+            let before = aux.len();
+            x = layer.forward(&x, &li, None, &mut aux)?;
+            l_aux.push(aux.get(before).map(|a: &AuxOutput| a.balance_loss.clone()));
+            if inp.return_all_hiddens {
+                states.push(x.clone());
+            }
+        }
+        if let Some(ln) = &self.layer_norm {
+            x = ln.apply(&x, inp.branch, |ln, x| ln.forward(x))?;
+        }
+        let encoder_out = match (&self.output_projection, inp.features_only) {
+            (Some(p), false) => apply(p, &x)?,
+            _ => x,
+        };
+        Ok(EncoderOutput { encoder_out, encoder_embedding: embed, encoder_padding_mask: mask, encoder_states: states, l_aux, aux })
+    }
+}

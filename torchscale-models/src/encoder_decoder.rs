@@ -1,0 +1,82 @@
+//! torchscale's `EncoderDecoder`.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use torchscale_core::{Result, Stabilizer};
+
+use crate::decoder::{Decoder, DecoderInputs, DecoderOutput, Memory};
+use crate::encoder::{Encoder, EncoderInputs, EncoderOutput};
+use crate::spec::StackSpec;
+
+/// An encoder (`encoder.*`) and a decoder with cross-attention (`decoder.*`).
+#[derive(Debug)]
+pub struct EncoderDecoder {
+    /// The encoder (no output projection).
+    pub encoder: Encoder,
+    /// The decoder.
+    pub decoder: Decoder,
+}
+
+impl EncoderDecoder {
+    /// Builds both stacks under `vb`; with `share_all_embeddings` the decoder reuses the encoder's
+    /// token table.
+    pub fn from_specs(
+        enc: StackSpec,
+        enc_st: Box<dyn Stabilizer>,
+        dec: StackSpec,
+        dec_st: Box<dyn Stabilizer>,
+        share_all_embeddings: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let encoder = Encoder::from_spec(enc, enc_st, true, None, vb.pp("encoder"))?;
+        let shared = if share_all_embeddings { Some(encoder.embed_tokens().clone()) } else { None };
+        let decoder = Decoder::from_spec(dec, dec_st, true, shared, vb.pp("decoder"))?;
+        Ok(Self { encoder, decoder })
+    }
+
+    /// Encodes `src_tokens` with its padding mask and decodes `prev_output_tokens` against it.
+    /// Unlike torchscale's `forward` (see [`EncoderDecoder::forward_torchscale`]) the source padding
+    /// mask is honoured.
+    pub fn forward(
+        &self,
+        src_tokens: &Tensor,
+        src_padding_mask: Option<&Tensor>,
+        prev_output_tokens: &Tensor,
+        train: bool,
+    ) -> Result<(EncoderOutput, DecoderOutput)> {
+        let enc = self.encoder.forward(
+            src_tokens,
+            &EncoderInputs { padding_mask: src_padding_mask, train, return_all_hiddens: true, ..Default::default() },
+        )?;
+        let dec = self.decode(&enc, prev_output_tokens, train)?;
+        Ok((enc, dec))
+    }
+
+    /// Decodes against an encoder output.
+    pub fn decode(&self, enc: &EncoderOutput, prev_output_tokens: &Tensor, train: bool) -> Result<DecoderOutput> {
+        let memory = Memory { encoder_out: &enc.encoder_out, padding_mask: Some(&enc.encoder_padding_mask) };
+        let mut out = self.decoder.forward(prev_output_tokens, &DecoderInputs { memory: Some(memory), train, ..Default::default() })?;
+        // torchscale appends the decoder's l_aux to the encoder's list.
+        let mut l_aux = enc.l_aux.clone();
+        l_aux.append(&mut out.l_aux);
+        out.l_aux = l_aux;
+        let mut aux = enc.aux.clone();
+        aux.append(&mut out.aux);
+        out.aux = aux;
+        Ok(out)
+    }
+
+    /// torchscale 0.3.0's `EncoderDecoder.forward(src, prev)`: no padding mask reaches the encoder,
+    /// so padded source tokens are attended to. Kept for parity.
+    pub fn forward_torchscale(&self, src_tokens: &Tensor, prev_output_tokens: &Tensor) -> Result<DecoderOutput> {
+        let enc = self.encoder.forward(src_tokens, &EncoderInputs::default())?;
+        self.decode(&enc, prev_output_tokens, false)
+    }
+
+    /// Buffers of both stacks, by key.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut b = crate::checkpoint::layer_buffers(self.encoder.layers(), "encoder.")?;
+        b.extend(crate::checkpoint::layer_buffers(self.decoder.layers(), "decoder.")?);
+        Ok(b)
+    }
+}

@@ -1,0 +1,1 @@
+//! Training pieces (being written).

@@ -1,0 +1,246 @@
+//! AdamW with a decay / no-decay parameter split and a resumable state.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use torchscale_core::{Error, Result};
+
+/// AdamW hyper-parameters; the defaults are torchscale's fairseq recipes (betas 0.9, 0.98).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate (a schedule overrides it through [`AdamW::set_lr`]).
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment.
+    pub eps: f64,
+    /// Decoupled weight decay, applied only to parameters in the decay group.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl AdamWConfig {
+    fn validate(&self) -> Result<()> {
+        let unit = |v: f64| (0.0..1.0).contains(&v);
+        if !(self.lr >= 0.0) {
+            return Err(Error::config("lr", format!("must be >= 0, got {}", self.lr)));
+        }
+        if !unit(self.beta1) || !unit(self.beta2) {
+            return Err(Error::config("adam_betas", format!("must be in [0, 1), got ({}, {})", self.beta1, self.beta2)));
+        }
+        if !(self.eps >= 0.0) {
+            return Err(Error::config("adam_eps", format!("must be >= 0, got {}", self.eps)));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return Err(Error::config("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
+        }
+        Ok(())
+    }
+}
+
+/// The default grouping: `true` (decay) for matrices and embeddings, `false` for biases and norms.
+///
+/// No decay when the tensor has rank <= 1 (biases, LayerNorm gains, per-channel scales such as
+/// Admin's omega, scalar temperatures), when the last name segment is `bias`, or when a name token
+/// (split on `.` and `_`) is `ln` or contains `norm` (`layer_norm`, `ffn_layernorm`,
+/// `inner_attn_ln`). Matching whole tokens avoids false hits such as the `ln` inside `kln`.
+pub fn default_decay(name: &str, shape: &[usize]) -> bool {
+    if shape.len() <= 1 || name.rsplit('.').next() == Some("bias") {
+        return false;
+    }
+    !name.split(['.', '_']).any(|t| t == "ln" || t.contains("norm"))
+}
+
+/// One parameter with its moments (f32) and its own update count, as PyTorch keeps them.
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+/// AdamW with PyTorch's `torch.optim.AdamW` update on every parameter that has a gradient:
+///
+/// ```text
+/// p ← p · (1 − lr·wd)                     (decay group only)
+/// m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
+/// p ← p − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps)
+/// ```
+///
+/// `t` counts the updates of that parameter; parameters without a gradient are left alone
+/// (no decay, no moment update). Moments are f32 whatever the parameter dtype.
+#[derive(Debug)]
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    num_updates: u64,
+}
+
+const EXP_AVG: &str = "exp_avg.";
+const EXP_AVG_SQ: &str = "exp_avg_sq.";
+const STEP: &str = "step.";
+const NUM_UPDATES: &str = "num_updates";
+
+impl AdamW {
+    /// An optimizer over named parameters, grouped by [`default_decay`].
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        Self::with_decay_rule(params, cfg, |name, var| default_decay(name, var.dims()))
+    }
+
+    /// An optimizer over named parameters, `decay(name, var)` choosing the weight-decay group.
+    pub fn with_decay_rule(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        decay: impl Fn(&str, &Var) -> bool,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut names = HashSet::new();
+        let mut slots = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            if !var.dtype().is_float() {
+                return Err(Error::DType { what: name, expected: DType::F32, got: var.dtype() });
+            }
+            if !names.insert(name.clone()) {
+                return Err(Error::invalid("params", format!("parameter `{name}` is listed twice")));
+            }
+            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            slots.push(Slot { decay: decay(&name, &var), name, var, exp_avg: zeros.clone(), exp_avg_sq: zeros, step: 0 });
+        }
+        Ok(Self { cfg, slots, num_updates: 0 })
+    }
+
+    /// The hyper-parameters (with the current learning rate).
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Sets the learning rate for the next steps (called by the trainer from an `LrSchedule`).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// Number of [`AdamW::step`] calls so far (fairseq's `num_updates`).
+    pub fn num_updates(&self) -> u64 {
+        self.num_updates
+    }
+
+    /// Whether `name` is in the weight-decay group; `None` for an unknown name.
+    pub fn decays(&self, name: &str) -> Option<bool> {
+        self.slots.iter().find(|s| s.name == name).map(|s| s.decay)
+    }
+
+    /// One update of every parameter that has a gradient in `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        for s in &mut self.slots {
+            let Some(g) = grads.get(&s.var) else { continue };
+            if g.dims() != s.var.dims() {
+                return Err(Error::shape(format!("gradient of `{}`", s.name), format!("{:?}", s.var.dims()), g.dims()));
+            }
+            let g = g.detach().to_dtype(DType::F32)?;
+            // detach: the update must not extend the autograd graph of the Var.
+            let mut p = s.var.as_tensor().detach().to_dtype(DType::F32)?;
+            s.step += 1;
+            if s.decay && weight_decay != 0.0 {
+                p = p.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+            // m + (1 - β1)(g - m): PyTorch's lerp form of the first-moment update.
+            s.exp_avg = (&s.exp_avg + ((&g - &s.exp_avg)? * (1.0 - beta1))?)?;
+            s.exp_avg_sq = ((&s.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let t = s.step as i32;
+            let bc1 = 1.0 - beta1.powi(t);
+            let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+            let denom = (s.exp_avg_sq.sqrt()? / bc2_sqrt)?.affine(1.0, eps)?;
+            p = (p - ((&s.exp_avg / denom)? * (lr / bc1))?)?;
+            s.var.set(&p.to_dtype(s.var.dtype())?)?;
+        }
+        self.num_updates += 1;
+        Ok(())
+    }
+
+    /// The state as named tensors: `exp_avg.NAME`, `exp_avg_sq.NAME`, `step.NAME` (i64 `[1]`) and
+    /// `num_updates` (i64 `[1]`).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let cpu = candle_core::Device::Cpu;
+        let count = |n: u64| Tensor::new(&[n as i64], &cpu);
+        let mut out = HashMap::with_capacity(3 * self.slots.len() + 1);
+        for s in &self.slots {
+            out.insert(format!("{EXP_AVG}{}", s.name), s.exp_avg.clone());
+            out.insert(format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.clone());
+            out.insert(format!("{STEP}{}", s.name), count(s.step)?);
+        }
+        out.insert(NUM_UPDATES.to_string(), count(self.num_updates)?);
+        Ok(out)
+    }
+
+    /// Restores a state from [`AdamW::state`]; every key must be present with the parameter's shape
+    /// and no key may be left over, so a resumed run continues exactly.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |key: String| state.get(&key).cloned().ok_or(Error::MissingTensor { key });
+        let count = |key: String| -> Result<u64> {
+            let t = get(key.clone())?;
+            let v = t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+            match v.as_slice() {
+                [n] if *n >= 0 => Ok(*n as u64),
+                _ => Err(Error::TensorShape { key, expected: vec![1], got: t.dims().to_vec() }),
+            }
+        };
+        let mut loaded = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let mut moment = |prefix: &str| -> Result<Tensor> {
+                let key = format!("{prefix}{}", s.name);
+                let t = get(key.clone())?;
+                if t.dims() != s.var.dims() {
+                    return Err(Error::TensorShape { key, expected: s.var.dims().to_vec(), got: t.dims().to_vec() });
+                }
+                Ok(t.to_dtype(DType::F32)?.to_device(s.var.device())?)
+            };
+            loaded.push((moment(EXP_AVG)?, moment(EXP_AVG_SQ)?, count(format!("{STEP}{}", s.name))?));
+        }
+        let num_updates = count(NUM_UPDATES.to_string())?;
+        if state.len() != 3 * self.slots.len() + 1 {
+            let known: HashSet<String> = self.state()?.into_keys().collect();
+            if let Some(key) = state.keys().find(|k| !known.contains(*k)) {
+                return Err(Error::UnexpectedTensor { key: key.clone() });
+            }
+        }
+        // Commit only once everything has been checked.
+        for (s, (m, v, step)) in self.slots.iter_mut().zip(loaded) {
+            (s.exp_avg, s.exp_avg_sq, s.step) = (m, v, step);
+        }
+        self.num_updates = num_updates;
+        Ok(())
+    }
+
+    /// Writes [`AdamW::state`] to a safetensors file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        candle_core::safetensors::save(&self.state()?, path)
+            .map_err(|e| Error::File { path: path.display().to_string(), reason: e.to_string() })
+    }
+
+    /// Reads a file written by [`AdamW::save`] and restores it with [`AdamW::load_state`].
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let state = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .map_err(|e| Error::File { path: path.display().to_string(), reason: e.to_string() })?;
+        self.load_state(&state)
+    }
+}

@@ -1,0 +1,278 @@
+//! `cargo xtask parity`: run golden files through the port and compare every `expect.*` tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor};
+use torchscale_core::init::ParamStore;
+use torchscale_core::Branch;
+use torchscale_models::build::BuildOptions;
+use torchscale_models::checkpoint::load_into;
+use torchscale_models::config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig};
+use torchscale_models::decoder::{Decoder, DecoderInputs, IncrementalState};
+use torchscale_models::encoder::{Encoder, EncoderInputs};
+use torchscale_models::encoder_decoder::EncoderDecoder;
+
+use crate::golden::{compare, Comparison, GoldenFile, Tolerance};
+
+/// Which tolerances of FORMAT.md section 6 to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TolMode {
+    /// The strict column (the default).
+    Strict,
+    /// The default column.
+    Default,
+}
+
+/// Outcome of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Every expected tensor within tolerance.
+    Pass,
+    /// Something differs, or the file could not be run.
+    Fail,
+    /// This kind is not covered yet; the reason names the issue.
+    Skip(String),
+}
+
+/// The report of one file.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    /// The file.
+    pub path: PathBuf,
+    /// Its kind (metadata).
+    pub kind: String,
+    /// PASS / FAIL / SKIP.
+    pub status: Status,
+    /// Per expected tensor.
+    pub comparisons: Vec<Comparison>,
+    /// Why it could not run, if so.
+    pub error: Option<String>,
+}
+
+impl FileReport {
+    /// Largest absolute error over the file.
+    pub fn max_abs(&self) -> f64 {
+        self.comparisons.iter().fold(0.0, |m, c| m.max(c.max_abs))
+    }
+    /// Largest relative error over the file.
+    pub fn max_rel(&self) -> f64 {
+        self.comparisons.iter().fold(0.0, |m, c| m.max(c.max_rel))
+    }
+    /// One line: path, kind, status, largest errors.
+    pub fn line(&self) -> String {
+        let status = match &self.status {
+            Status::Pass => "PASS".to_string(),
+            Status::Fail => "FAIL".to_string(),
+            Status::Skip(why) => format!("SKIP ({why})"),
+        };
+        let mut s = format!(
+            "{}  {}  {}  max_abs={:.3e}  max_rel={:.3e}",
+            self.path.display(),
+            self.kind,
+            status,
+            self.max_abs(),
+            self.max_rel()
+        );
+        if let Some(e) = &self.error {
+            s.push_str(&format!("  error: {e}"));
+        }
+        for c in self.comparisons.iter().filter(|c| !c.pass) {
+            s.push_str(&format!("\n    {}: max_abs={:.3e} max_rel={:.3e}", c.key, c.max_abs, c.max_rel));
+            if let Some(n) = &c.note {
+                s.push_str(&format!(" ({n})"));
+            }
+        }
+        s
+    }
+}
+
+/// Runs one file.
+pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
+    let mut report = FileReport { path: path.to_path_buf(), kind: "?".into(), status: Status::Fail, comparisons: vec![], error: None };
+    let f = match GoldenFile::load(path) {
+        Ok(f) => f,
+        Err(e) => {
+            report.error = Some(format!("{e:#}"));
+            return report;
+        }
+    };
+    report.kind = f.kind().to_string();
+    if let Some(why) = skip_reason(&f) {
+        report.status = Status::Skip(why);
+        return report;
+    }
+    let tol = match mode {
+        TolMode::Strict => Tolerance::STRICT_FORWARD,
+        TolMode::Default => Tolerance::DEFAULT_FORWARD,
+    };
+    match run(&f) {
+        Ok(got) => {
+            for key in f.keys_with("expect.") {
+                let want = &f.tensors[&key];
+                let c = match got.get(&key) {
+                    Some(g) => compare(&key, g, want, tol),
+                    None => Ok(Comparison {
+                        key: key.clone(),
+                        max_abs: f64::INFINITY,
+                        max_rel: f64::INFINITY,
+                        pass: false,
+                        note: Some("not computed by the port".into()),
+                    }),
+                };
+                match c {
+                    Ok(c) => report.comparisons.push(c),
+                    Err(e) => report.error = Some(format!("{key}: {e:#}")),
+                }
+            }
+            let ok = report.error.is_none() && !report.comparisons.is_empty() && report.comparisons.iter().all(|c| c.pass);
+            report.status = if ok { Status::Pass } else { Status::Fail };
+        }
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    report
+}
+
+fn skip_reason(f: &GoldenFile) -> Option<String> {
+    let kind = f.kind();
+    if kind.starts_with("grad_") {
+        return Some("gradient parity: issue #4".into());
+    }
+    if kind.contains("sparse_clip") || f.tensors.keys().any(|k| k.starts_with("input.grad.")) {
+        return Some("SparseClip: issue #4".into());
+    }
+    let moe = f
+        .json("config")
+        .ok()
+        .and_then(|c| c.get("moe_freq").and_then(|v| v.as_u64()))
+        .unwrap_or(0);
+    if moe > 0 {
+        return Some("MoE layers: issue #3".into());
+    }
+    None
+}
+
+fn run(f: &GoldenFile) -> Result<HashMap<String, Tensor>> {
+    let config = f.meta.get("config").ok_or_else(|| anyhow!("metadata has no config"))?;
+    match f.word("model_class") {
+        "Encoder" => run_encoder(f, &EncoderConfig::from_json_str(config)?),
+        "Decoder" => run_decoder(f, &DecoderConfig::from_json_str(config)?),
+        "EncoderDecoder" => run_encoder_decoder(f, &EncoderDecoderConfig::from_json_str(config)?),
+        "AdminPostLNStack" => crate::admin_case::run(f, &EncoderConfig::from_json_str(config)?),
+        other => Err(anyhow!("unknown model_class `{other}`")),
+    }
+}
+
+fn new_store() -> (ParamStore, candle_nn::VarBuilder<'static>) {
+    let store = ParamStore::new(0);
+    let vb = store.var_builder(DType::F32, &Device::Cpu);
+    (store, vb)
+}
+
+fn opts(f: &GoldenFile, prefix: &str) -> BuildOptions {
+    BuildOptions { learned_positions: Some(f.tensors.contains_key(&format!("{prefix}embed_positions.weight"))) }
+}
+
+fn states(out: &mut HashMap<String, Tensor>, name: &str, v: &[Tensor]) {
+    for (i, t) in v.iter().enumerate() {
+        out.insert(format!("expect.{name}.{i}"), t.clone());
+    }
+}
+
+fn run_encoder(f: &GoldenFile, cfg: &EncoderConfig) -> Result<HashMap<String, Tensor>> {
+    let (store, vb) = new_store();
+    let model = Encoder::new(cfg, &opts(f, ""), vb)?;
+    load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
+    let src = f.get("input.src_tokens")?;
+    let mask = f.tensors.get("input.encoder_padding_mask");
+    let branch = match f.json("setup")?.get("multiway_split_position").and_then(|v| v.as_i64()) {
+        Some(p) => Branch::from_split_position(p)?,
+        None => Branch::A,
+    };
+    let inp = EncoderInputs { padding_mask: mask, return_all_hiddens: true, branch, ..Default::default() };
+    let o = model.forward(src, &inp)?;
+    let mut out = HashMap::new();
+    out.insert("expect.encoder_out".into(), o.encoder_out);
+    out.insert("expect.encoder_embedding".into(), o.encoder_embedding);
+    states(&mut out, "encoder_states", &o.encoder_states);
+    let feats = model.forward(src, &EncoderInputs { features_only: true, ..inp })?;
+    out.insert("expect.features".into(), feats.encoder_out);
+    Ok(out)
+}
+
+fn run_decoder(f: &GoldenFile, cfg: &DecoderConfig) -> Result<HashMap<String, Tensor>> {
+    let (store, vb) = new_store();
+    let model = Decoder::new(cfg, &opts(f, ""), vb)?;
+    load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
+    let tokens = f.get("input.prev_output_tokens")?;
+    let o = model.forward(tokens, &DecoderInputs::default())?;
+    let mut out = HashMap::new();
+    out.insert("expect.logits".into(), o.x);
+    states(&mut out, "inner_states", &o.inner_states);
+    let feats = model.forward(tokens, &DecoderInputs { features_only: true, ..Default::default() })?;
+    out.insert("expect.features".into(), feats.x);
+    if f.tensors.contains_key("expect.incremental_logits") {
+        let t = tokens.dim(1)?;
+        let mut state = IncrementalState::new(false);
+        let mut steps = Vec::with_capacity(t);
+        for i in 1..=t {
+            steps.push(model.forward_incremental(&tokens.narrow(1, 0, i)?, &DecoderInputs::default(), &mut state)?.x);
+        }
+        out.insert("expect.incremental_logits".into(), Tensor::cat(&steps, 1)?);
+        for (l, c) in state.layers.iter().enumerate() {
+            if let (Some(k), Some(v)) = (&c.prev_key, &c.prev_value) {
+                out.insert(format!("expect.cache.{l}.prev_key"), k.clone());
+                out.insert(format!("expect.cache.{l}.prev_value"), v.clone());
+            }
+        }
+    }
+    if f.tensors.contains_key("expect.prompt_then_step_logits") {
+        let t = tokens.dim(1)?;
+        let p = f
+            .json("setup")?
+            .get("prompt_len")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| anyhow!("setup has no prompt_len"))? as usize;
+        let mut state = IncrementalState::new(true);
+        let mut parts = vec![model.forward_incremental(&tokens.narrow(1, 0, p)?, &DecoderInputs::default(), &mut state)?.x];
+        for i in p + 1..=t {
+            parts.push(model.forward_incremental(&tokens.narrow(1, 0, i)?, &DecoderInputs::default(), &mut state)?.x);
+        }
+        out.insert("expect.prompt_then_step_logits".into(), Tensor::cat(&parts, 1)?);
+    }
+    Ok(out)
+}
+
+fn run_encoder_decoder(f: &GoldenFile, cfg: &EncoderDecoderConfig) -> Result<HashMap<String, Tensor>> {
+    let (store, vb) = new_store();
+    let model = EncoderDecoder::new(cfg, &opts(f, "encoder."), vb)?;
+    load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
+    let src = f.get("input.src_tokens")?;
+    let prev = f.get("input.prev_output_tokens")?;
+    let mask = f.tensors.get("input.encoder_padding_mask");
+    let (enc, dec) = model.forward(src, mask, prev, false)?;
+    let mut out = HashMap::new();
+    out.insert("expect.encoder_out".into(), enc.encoder_out);
+    states(&mut out, "encoder_states", &enc.encoder_states);
+    out.insert("expect.logits".into(), dec.x);
+    states(&mut out, "decoder_inner_states", &dec.inner_states);
+    out.insert("expect.logits_forward_without_mask".into(), model.forward_torchscale(src, prev)?.x);
+    Ok(out)
+}
+
+/// Runs every file, prints one line each and the totals; returns (passed, failed, skipped).
+pub fn run_all(files: &[PathBuf], mode: TolMode) -> (usize, usize, usize) {
+    let (mut p, mut fl, mut s) = (0, 0, 0);
+    for path in files {
+        let r = check_file(path, mode);
+        println!("{}", r.line());
+        match r.status {
+            Status::Pass => p += 1,
+            Status::Fail => fl += 1,
+            Status::Skip(_) => s += 1,
+        }
+    }
+    println!("{p} passed, {fl} failed, {s} skipped");
+    (p, fl, s)
+}
