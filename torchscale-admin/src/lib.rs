@@ -52,9 +52,7 @@ pub use residual::{Omega, OmegaResidual};
 
 use candle_nn::VarBuilder;
 use torchscale_core::layer_norm::LayerNorm;
-use torchscale_core::{
-    Error, Multiway, NormSpec, Residual, Result, Site, Stabilizer, StackKind,
-};
+use torchscale_core::{Error, Multiway, NormSpec, Residual, Result, Site, Stabilizer, StackKind};
 
 /// Starts an Admin residual for a stack of `num_residual_layers` residual sublayers (2 per encoder
 /// layer, 3 per decoder layer with cross-attention). Defaults: `output_change_scale = default`,
@@ -114,7 +112,10 @@ impl AdminBuilder {
             if d != spec.dim {
                 return Err(Error::config(
                     "embed_dim",
-                    format!("omega width {d} differs from the LayerNorm width {}", spec.dim),
+                    format!(
+                        "omega width {d} differs from the LayerNorm width {}",
+                        spec.dim
+                    ),
                 ));
             }
         }
@@ -254,11 +255,18 @@ mod tests {
         let y = r.forward(&x, &mut |h| Ok(h.sqr()?))?;
         let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
         let w = omega::omega(4, OutputChangeScale::OLogN)?;
-        let row: Vec<f64> = [1.0f64, 2.0, 3.0, 5.0].iter().map(|v| v * w + v * v).collect();
+        let row: Vec<f64> = [1.0f64, 2.0, 3.0, 5.0]
+            .iter()
+            .map(|v| v * w + v * v)
+            .collect();
         let mean = row.iter().sum::<f64>() / 4.0;
         let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0;
         for (g, v) in y.iter().zip(&row) {
-            approx::assert_abs_diff_eq!(*g as f64, (v - mean) / (var + 1e-5).sqrt(), epsilon = 1e-5);
+            approx::assert_abs_diff_eq!(
+                *g as f64,
+                (v - mean) / (var + 1e-5).sqrt(),
+                epsilon = 1e-5
+            );
         }
         for site in [Site::SelfAttention, Site::CrossAttention, Site::FeedForward] {
             assert!(!par.inner_norm(site));

@@ -84,7 +84,13 @@ mod tests {
     fn omega_matches_spec_values() -> Result<()> {
         // SPEC.md section 6.2.
         let d = OutputChangeScale::Default;
-        for (n, want) in [(12, 2.0170), (18, 2.3351), (36, 3.0408), (200, 6.0746), (300, 7.1931)] {
+        for (n, want) in [
+            (12, 2.0170),
+            (18, 2.3351),
+            (36, 3.0408),
+            (200, 6.0746),
+            (300, 7.1931),
+        ] {
             approx::assert_abs_diff_eq!(omega(n, d)?, want, epsilon = 5.1e-5);
             assert_eq!(omega(n, OutputChangeScale::OLogN)?, omega(n, d)?);
             assert_eq!(omega(n, OutputChangeScale::ON)?, 1.0);

@@ -137,7 +137,10 @@ mod tests {
         let store = ParamStore::new(0);
         let vb = store.var_builder(DType::F32, &Device::Cpu);
         let om = Omega::buffer(1.5, vb.pp("res"))?;
-        assert!(store.named_vars().is_empty(), "a buffer is not a trainable variable");
+        assert!(
+            store.named_vars().is_empty(),
+            "a buffer is not a trainable variable"
+        );
         let x = Tensor::new(&[[1.0f32, -2.0], [0.5, 4.0]], &Device::Cpu)?;
         let f = Tensor::new(&[[0.25f32, 1.0], [-1.0, 0.0]], &Device::Cpu)?;
         assert_eq!(vals(&om.combine(&x, &f)?)?, [1.75, -2.0, -0.25, 6.0]);
@@ -191,7 +194,10 @@ mod tests {
         var.set(&Tensor::new(&[1.0f32, 2.0, 3.0], &dev)?)?;
         let x = Tensor::new(&[[1.0f32, 1.0, 1.0], [2.0, -1.0, 0.5]], &dev)?;
         let f = Tensor::new(&[[0.5f32, 0.0, -0.5], [0.0, 1.0, 0.0]], &dev)?;
-        assert_eq!(vals(&res.combine(&x, &f)?)?, [1.5, 2.0, 2.5, 2.0, -1.0, 1.5]);
+        assert_eq!(
+            vals(&res.combine(&x, &f)?)?,
+            [1.5, 2.0, 2.5, 2.0, -1.0, 1.5]
+        );
         let xv = Var::from_tensor(&x)?;
         let y = res.forward(xv.as_tensor(), &mut |h| Ok((h.sqr()? * 0.3)?))?;
         let w = Tensor::new(&[[0.3f32, -1.0, 2.0], [1.0, 0.7, -0.2]], &dev)?;

@@ -56,7 +56,6 @@ pub struct Layer {
     ffn_res: Box<dyn Residual>,
     dropout: f64,
     drop_path: f64,
-    index: usize,
 }
 
 fn gains(st: &dyn Stabilizer, site: Site) -> AttentionGains {
@@ -112,7 +111,7 @@ impl Layer {
             FfnBlock::Dense(Multiway::new(mw, vb.pp("ffn"), |vb| FeedForward::new(cfg, gain, vb))?)
         };
         let ffn_res = st.residual(Site::FeedForward, norm, vb.clone())?;
-        Ok(Self { self_attn, self_res, cross, ffn, ffn_res, dropout: spec.dropout, drop_path: spec.drop_path(index), index })
+        Ok(Self { self_attn, self_res, cross, ffn, ffn_res, dropout: spec.dropout, drop_path: spec.drop_path(index) })
     }
 
     /// The self-attention module.

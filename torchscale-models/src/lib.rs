@@ -1,5 +1,32 @@
-//! torchscale-models (being written).
-#![allow(missing_docs)]
+//! # torchscale-models
+//!
+//! torchscale's `Encoder`, `Decoder` and `EncoderDecoder`, composed from the technique crates of
+//! torchscale-rs: configs with torchscale's field names and defaults (a torchscale config JSON loads
+//! as is), weights under torchscale's state_dict names (checkpoints move between the two
+//! implementations unchanged), incremental decoding, and the pieces to train them.
+//!
+//! Which stabiliser a stack uses follows torchscale's flags (`deepnorm`, `subln` — the default —,
+//! `*_normalize_before`), plus our `admin` extension; see [`config::Technique`].
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use torchscale_core::init::ParamStore;
+//! use torchscale_models::{BuildOptions, Decoder, DecoderConfig, DecoderInputs};
+//!
+//! # fn main() -> torchscale_core::Result<()> {
+//! // A small Magneto (Sub-LN) decoder LM, the torchscale default technique.
+//! let config = DecoderConfig::new()
+//!     .with_vocab_size(100).with_embed_dim(32).with_heads(4).with_ffn_dim(64).with_layers(2);
+//! let store = ParamStore::new(0);
+//! let model = Decoder::new(&config, &BuildOptions::default(), store.var_builder(DType::F32, &Device::Cpu))?;
+//! let tokens = Tensor::new(&[[2u32, 17, 42, 5]], &Device::Cpu)?;
+//! let logits = model.forward(&tokens, &DecoderInputs::default())?.x;
+//! assert_eq!(logits.dims(), &[1, 4, 100]);
+//! assert_eq!(model.stabilizer().name(), "subln");
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
 pub mod build;
 pub mod checkpoint;
 pub mod config;
@@ -10,3 +37,9 @@ pub mod encoder_decoder;
 pub mod layer;
 pub mod spec;
 pub mod train;
+
+pub use build::BuildOptions;
+pub use config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig, Technique};
+pub use decoder::{Decoder, DecoderInputs, DecoderOutput, IncrementalState, Memory};
+pub use encoder::{Encoder, EncoderInputs, EncoderOutput};
+pub use encoder_decoder::EncoderDecoder;

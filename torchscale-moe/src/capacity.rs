@@ -34,8 +34,8 @@ mod tests {
         // FORMAT.md 4: decoder_moe_top1 has fraction 0.2 and 16 tokens -> capacity 4.
         assert_eq!(capacity(16, 4, true, false, 0.2, 1.0), 4);
         assert_eq!(capacity(16, 4, false, false, 0.25, 1.0), 4);
-        // Python: math.ceil(0.1 * 30) == 4, because 0.1 * 30 == 3.0000000000000004.
-        assert_eq!(capacity(30, 4, false, false, 0.1, 1.0), 4);
+        // Python: math.ceil(0.55 * 100) == 56, because 0.55 * 100 == 55.00000000000001.
+        assert_eq!(capacity(100, 4, false, false, 0.55, 1.0), 56);
     }
 
     #[test]

@@ -1,1 +1,51 @@
-//! placeholder
+//! # torchscale-moe
+//!
+//! Sparse mixture-of-experts as in torchscale 0.3.0 (`component/xmoe`): top-1 and top-2 gating
+//! with capacity, the X-MoE low-dimensional cosine router (and, behind a flag, the paper's
+//! normalised router with a learnable temperature), the load-balancing loss, and an MoE layer
+//! that dispatches tokens by index rather than with dense `[S, E, capacity]` one-hot tensors.
+//!
+//! - [`MoeConfig`]: the `moe_*` fields and the experts' feed-forward settings.
+//! - [`MoeRouter`]: implements [`torchscale_core::Router`]; routing decisions as indices, combine
+//!   weights and balance loss in the graph.
+//! - [`MoeLayer`]: `gate.*` + `experts.{j}.*`, [`MoeLayer::forward`] on `[S, C]` rows and
+//!   [`MoeLayer::forward_ctx`] / [`torchscale_core::Sublayer`] on `[B, T, C]`.
+//! - [`parallel`]: the expert-parallelism seam ([`ExpertComm`]).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use torchscale_core::{init::ParamStore, RouteOptions};
+//! use torchscale_moe::{MoeConfig, MoeLayer};
+//!
+//! # fn main() -> torchscale_core::Result<()> {
+//! let cfg = MoeConfig {
+//!     embed_dim: 8, ffn_dim: 16, num_experts: 4, use_xmoe: true, ..Default::default()
+//! }
+//! .validated()?;
+//! let store = ParamStore::new(0);
+//! let moe = MoeLayer::new(cfg, 1.0, store.var_builder(DType::F32, &Device::Cpu))?;
+//! let x = Tensor::randn(0f32, 1.0, (12, 8), &Device::Cpu)?;
+//! let out = moe.forward(&x, &RouteOptions { train: true, seed: Some(7), ..Default::default() })?;
+//! assert_eq!(out.output.dims(), &[12, 8]);
+//! // Training top-2 capacity: 2 * ceil(12 / 4) = 6 slots per expert.
+//! assert_eq!(out.stats.capacity, 6);
+//! assert!(out.balance_loss.to_scalar::<f32>()? > 0.0);
+//! assert!(store.get("gate.wg").is_some() && store.get("experts.3.fc2.weight").is_some());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod balance_loss;
+pub mod capacity;
+pub mod config;
+pub mod dispatch;
+pub mod layer;
+pub mod parallel;
+pub mod router;
+
+pub use config::{MoeConfig, SecondExpertPolicy};
+pub use dispatch::DispatchPlan;
+pub use layer::{MoeLayer, MoeOutput};
+pub use parallel::{ExpertComm, InProcessGroup, SingleProcess};
+pub use router::{Gate, MoeRouter, XMoeGate};
+pub use torchscale_core::router::ChoiceStatus;

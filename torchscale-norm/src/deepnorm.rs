@@ -134,7 +134,14 @@ mod tests {
             let d = DeepNorm::for_stack(StackKind::Decoder { layers: n })?;
             let ee = DeepNorm::for_stack(ed_enc(n))?;
             let ed = DeepNorm::for_stack(ed_dec(n))?;
-            let got = [e.alpha(), e.beta(), ee.alpha(), ee.beta(), ed.alpha(), ed.beta()];
+            let got = [
+                e.alpha(),
+                e.beta(),
+                ee.alpha(),
+                ee.beta(),
+                ed.alpha(),
+                ed.beta(),
+            ];
             for (g, w) in got.iter().zip(v) {
                 approx::assert_abs_diff_eq!(*g, w, epsilon = 5.1e-5);
             }
@@ -209,7 +216,10 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(checked >= 4, "only {checked} DeepNorm stacks found in the golden files");
+        assert!(
+            checked >= 4,
+            "only {checked} DeepNorm stacks found in the golden files"
+        );
         Ok(())
     }
 
@@ -219,7 +229,12 @@ mod tests {
         for site in [Site::SelfAttention, Site::CrossAttention, Site::FeedForward] {
             assert_eq!(dn.init_gain(site, ParamRole::Query), 1.0);
             assert_eq!(dn.init_gain(site, ParamRole::Key), 1.0);
-            for role in [ParamRole::Value, ParamRole::Out, ParamRole::Fc1, ParamRole::Fc2] {
+            for role in [
+                ParamRole::Value,
+                ParamRole::Out,
+                ParamRole::Fc1,
+                ParamRole::Fc2,
+            ] {
                 assert_eq!(dn.init_gain(site, role), dn.beta());
             }
         }

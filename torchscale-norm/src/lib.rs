@@ -171,7 +171,9 @@ mod tests {
                 _ => vec![],
             };
             for (side, stack, alpha_key) in sides {
-                let pre = c[format!("{side}_normalize_before")].as_bool().unwrap_or(false);
+                let pre = c[format!("{side}_normalize_before")]
+                    .as_bool()
+                    .unwrap_or(false);
                 let technique = if c["deepnorm"].as_bool() == Some(true) {
                     Technique::DeepNorm
                 } else if c["subln"].as_bool() == Some(true) {
@@ -184,7 +186,10 @@ mod tests {
                 let s = stabilizer_for(technique, stack)?;
                 // FORMAT.md 3.5: the final LayerNorm exists exactly when the stack is pre-norm.
                 assert_eq!(s.final_norm(), pre, "{} {side}", g.name);
-                assert_eq!(s.inner_norm(Site::FeedForward), technique == Technique::SubLn);
+                assert_eq!(
+                    s.inner_norm(Site::FeedForward),
+                    technique == Technique::SubLn
+                );
                 let alphas = g.derived[alpha_key].as_array().cloned().unwrap_or_default();
                 assert_eq!(alphas.len(), stack.layers(), "{} {side}", g.name);
                 for a in alphas {

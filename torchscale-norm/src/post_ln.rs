@@ -37,7 +37,11 @@ impl PostNormResidual {
 }
 
 /// The LayerNorm of a residual site, under torchscale's key for that site.
-pub(crate) fn build_norm(site: Site, spec: NormSpec, vb: VarBuilder) -> Result<Multiway<LayerNorm>> {
+pub(crate) fn build_norm(
+    site: Site,
+    spec: NormSpec,
+    vb: VarBuilder,
+) -> Result<Multiway<LayerNorm>> {
     Multiway::new(spec.multiway, vb.pp(site.norm_name()), |vb| {
         LayerNorm::new(spec.dim, spec.eps, vb)
     })
@@ -149,7 +153,10 @@ mod tests {
             .ok_or_else(|| torchscale_core::Error::invalid("B", "missing"))?;
         bias_b.set(&Tensor::ones(4, DType::F32, &Device::Cpu)?)?;
         assert!(store.get("final_layer_norm.A.weight").is_some());
-        let x = Tensor::new(&[[[1.0f32, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]], &Device::Cpu)?;
+        let x = Tensor::new(
+            &[[[1.0f32, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]],
+            &Device::Cpu,
+        )?;
         let f = x.zeros_like()?;
         let got = to_vec(&res.post(&x, &f, Branch::SplitAt(1))?)?;
         let a = hand_layer_norm(&[1.0, 2.0, 3.0, 4.0], &[1.0; 4], &[0.0; 4], 1e-5);

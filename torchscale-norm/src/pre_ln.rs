@@ -95,7 +95,10 @@ mod tests {
     fn pre_ln_has_final_norm_only() {
         assert!(PreLn.final_norm());
         assert!(!PreLn.inner_norm(Site::FeedForward));
-        assert_eq!(PreLn.init_gain(Site::SelfAttention, torchscale_core::ParamRole::Value), 1.0);
+        assert_eq!(
+            PreLn.init_gain(Site::SelfAttention, torchscale_core::ParamRole::Value),
+            1.0
+        );
         assert_eq!(PreLn.name(), "pre-ln");
     }
 

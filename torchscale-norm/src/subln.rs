@@ -179,7 +179,10 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(checked >= 4, "only {checked} Sub-LN stacks found in the golden files");
+        assert!(
+            checked >= 4,
+            "only {checked} Sub-LN stacks found in the golden files"
+        );
         Ok(())
     }
 
@@ -190,7 +193,12 @@ mod tests {
             decoder_layers: 6,
         };
         let s = SubLn::for_stack(stack)?;
-        for role in [ParamRole::Value, ParamRole::Out, ParamRole::Fc1, ParamRole::Fc2] {
+        for role in [
+            ParamRole::Value,
+            ParamRole::Out,
+            ParamRole::Fc1,
+            ParamRole::Fc2,
+        ] {
             assert_eq!(s.init_gain(Site::SelfAttention, role), s.gamma());
             assert_eq!(s.init_gain(Site::FeedForward, role), s.gamma());
             assert_eq!(s.init_gain(Site::CrossAttention, role), 1.0);

@@ -28,8 +28,14 @@ pub fn hand_layer_norm(r: &[f64], w: &[f32], b: &[f32], eps: f64) -> Vec<f64> {
 pub fn ln_vb(prefix: &str, w: &[f32], b: &[f32]) -> Result<VarBuilder<'static>> {
     let dev = Device::Cpu;
     let mut map = HashMap::new();
-    map.insert(format!("{prefix}.weight"), Tensor::from_slice(w, w.len(), &dev)?);
-    map.insert(format!("{prefix}.bias"), Tensor::from_slice(b, b.len(), &dev)?);
+    map.insert(
+        format!("{prefix}.weight"),
+        Tensor::from_slice(w, w.len(), &dev)?,
+    );
+    map.insert(
+        format!("{prefix}.bias"),
+        Tensor::from_slice(b, b.len(), &dev)?,
+    );
     Ok(VarBuilder::from_tensors(map, DType::F32, &dev))
 }
 
@@ -67,8 +73,13 @@ pub fn assert_norm_grads(stab: &dyn Stabilizer, site: Site) -> Result<()> {
         let mag = g.abs()?.sum_all()?.to_scalar::<f32>()?;
         assert!(mag > 1e-4, "{name}: gradient magnitude {mag}");
     }
-    let gx = grads.get(x.as_tensor()).map(|g| g.abs()?.sum_all()?.to_scalar::<f32>());
-    assert!(matches!(gx, Some(Ok(m)) if m > 1e-4), "gradient must reach the input");
+    let gx = grads
+        .get(x.as_tensor())
+        .map(|g| g.abs()?.sum_all()?.to_scalar::<f32>());
+    assert!(
+        matches!(gx, Some(Ok(m)) if m > 1e-4),
+        "gradient must reach the input"
+    );
     Ok(())
 }
 
@@ -113,13 +124,21 @@ pub fn assert_wiring(stab: &dyn Stabilizer, site: Site, pre_norm: bool, alpha: f
 /// Builds a `[256, 384]` Linear with the stabilizer's gain for (`site`, `role`) and checks
 /// PyTorch's default init scaled by the gain: weight std `gain/sqrt(3·in)` within 5 standard
 /// errors, mean 0 within 5 standard errors, bias inside and filling ±gain/√in.
-pub fn assert_linear_std(stab: &dyn Stabilizer, site: Site, role: ParamRole, seed: u64) -> Result<()> {
+pub fn assert_linear_std(
+    stab: &dyn Stabilizer,
+    site: Site,
+    role: ParamRole,
+    seed: u64,
+) -> Result<()> {
     let (fan_in, fan_out) = (384usize, 256usize);
     let gain = stab.init_gain(site, role);
     let store = ParamStore::new(seed);
     let vb = store.var_builder(DType::F32, &Device::Cpu);
     let lin = linear(fan_in, fan_out, true, gain, vb.pp("proj"))?;
-    let w: Vec<f64> = to_vec(lin.weight())?.into_iter().map(|v| v as f64).collect();
+    let w: Vec<f64> = to_vec(lin.weight())?
+        .into_iter()
+        .map(|v| v as f64)
+        .collect();
     let n = w.len() as f64;
     let mean = w.iter().sum::<f64>() / n;
     let std = (w.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -132,10 +151,17 @@ pub fn assert_linear_std(stab: &dyn Stabilizer, site: Site, role: ParamRole, see
     );
     assert!(mean.abs() <= 5.0 * sigma / n.sqrt(), "mean {mean}");
     let bound = gain / (fan_in as f64).sqrt();
-    let b = lin.bias().ok_or_else(|| Error::invalid("bias", "missing"))?;
-    let bmax = to_vec(b)?.into_iter().fold(0f64, |m, v| m.max((v as f64).abs()));
+    let b = lin
+        .bias()
+        .ok_or_else(|| Error::invalid("bias", "missing"))?;
+    let bmax = to_vec(b)?
+        .into_iter()
+        .fold(0f64, |m, v| m.max((v as f64).abs()));
     // P(max of 256 uniform draws < 0.9·bound) = 0.9^256 ≈ 2e-12.
-    assert!(bmax <= bound * (1.0 + 1e-6) && bmax >= 0.9 * bound, "bias max {bmax} vs {bound}");
+    assert!(
+        bmax <= bound * (1.0 + 1e-6) && bmax >= 0.9 * bound,
+        "bias max {bmax} vs {bound}"
+    );
     Ok(())
 }
 

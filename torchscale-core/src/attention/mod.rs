@@ -176,9 +176,9 @@ impl MultiheadAttention {
         let heads = |x: Tensor, len: usize| -> Result<Tensor> {
             Ok(x.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.apply(query, br, |l, x| apply(l, x))?, t)?;
-        let mut k = heads(self.k_proj.apply(key_value, br, |l, x| apply(l, x))?, s)?;
-        let mut v = heads(self.v_proj.apply(key_value, br, |l, x| apply(l, x))?, s)?;
+        let q = heads(self.q_proj.apply(query, br, apply)?, t)?;
+        let mut k = heads(self.k_proj.apply(key_value, br, apply)?, s)?;
+        let mut v = heads(self.v_proj.apply(key_value, br, apply)?, s)?;
         let incremental = cache.is_some();
         if let Some(cache) = cache {
             (k, v) = cache.append(&k, &v)?;
@@ -238,7 +238,7 @@ impl MultiheadAttention {
             Some(ln) => ln.apply(&out, br, |ln, x| ln.forward(x))?,
             None => out,
         };
-        self.out_proj.apply(&out, br, |l, x| apply(l, x))
+        self.out_proj.apply(&out, br, apply)
     }
 }
 

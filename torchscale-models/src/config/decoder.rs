@@ -226,7 +226,10 @@ impl DecoderConfig {
         // Unlike the encoder, torchscale's decoder allows multiway with MoE: its multiway only
         // duplicates the attention projections, never the FFN.
         validate::shared(&shared)?;
-        validate::admin(&shared, &[("decoder_normalize_before", self.decoder_normalize_before)])
+        validate::admin(
+            &shared,
+            &[("decoder_normalize_before", self.decoder_normalize_before)],
+        )
     }
 
     /// [`postprocess`](Self::postprocess) then [`validate`](Self::validate).
@@ -286,11 +289,18 @@ impl DecoderConfig {
 
     /// The technique the flags select (meaningful after [`finalize`](Self::finalize)).
     pub fn technique(&self) -> Technique {
-        Technique::from_flags(self.admin, self.deepnorm, self.subln, self.decoder_normalize_before)
+        Technique::from_flags(
+            self.admin,
+            self.deepnorm,
+            self.subln,
+            self.decoder_normalize_before,
+        )
     }
     /// The stack shape, for the techniques' constants.
     pub fn stack_kind(&self) -> StackKind {
-        StackKind::Decoder { layers: self.decoder_layers }
+        StackKind::Decoder {
+            layers: self.decoder_layers,
+        }
     }
     /// Head dimension d / H.
     pub fn head_dim(&self) -> usize {
@@ -318,8 +328,8 @@ impl DecoderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use torchscale_core::Error;
     use serde_json::{json, Value};
+    use torchscale_core::Error;
 
     fn field_of(r: Result<DecoderConfig>) -> String {
         match r {
@@ -329,7 +339,11 @@ mod tests {
     }
 
     fn small() -> DecoderConfig {
-        DecoderConfig::new().with_embed_dim(32).with_heads(4).with_ffn_dim(64).with_layers(2)
+        DecoderConfig::new()
+            .with_embed_dim(32)
+            .with_heads(4)
+            .with_ffn_dim(64)
+            .with_layers(2)
     }
 
     /// Every default of SPEC 1.1 (DecoderConfig paragraph, 0.3.0 fields), written out from it.
@@ -381,12 +395,22 @@ mod tests {
 
     #[test]
     fn plain_post_and_pre_ln() {
-        let post = small().with_subln(false).with_normalize_before(false).finalize().unwrap();
+        let post = small()
+            .with_subln(false)
+            .with_normalize_before(false)
+            .finalize()
+            .unwrap();
         assert_eq!(post.technique(), Technique::PostLn);
         let pre = small().with_subln(false).finalize().unwrap();
         assert_eq!(pre.technique(), Technique::PreLn);
         assert!(pre.has_final_layer_norm());
-        for t in [Technique::PostLn, Technique::PreLn, Technique::DeepNorm, Technique::SubLn, Technique::Admin] {
+        for t in [
+            Technique::PostLn,
+            Technique::PreLn,
+            Technique::DeepNorm,
+            Technique::SubLn,
+            Technique::Admin,
+        ] {
             assert_eq!(small().with_technique(t).finalize().unwrap().technique(), t);
         }
     }
@@ -420,7 +444,10 @@ mod tests {
             (small().with_xmoe(true), "use_xmoe"),
             (small().with_moe(2, 0), "moe_expert_count"),
             (small().with_moe(2, 1), "moe_expert_count"),
-            (small().with_moe_second_expert_policy("best"), "moe_second_expert_policy"),
+            (
+                small().with_moe_second_expert_policy("best"),
+                "moe_second_expert_policy",
+            ),
             (small().with_xmoe_paper_routing(true), "xmoe_paper_routing"),
             (small().with_rel_pos(16, 0), "max_rel_pos"),
             (small().with_rel_pos(0, 8), "rel_pos_buckets"),
@@ -430,23 +457,43 @@ mod tests {
             (small().with_vocab_size(-2), "vocab_size"),
             (small().with_max_positions(0), "max_target_positions"),
             (small().with_admin(true), "admin"),
-            (small().with_admin(true).with_subln(false).with_deepnorm(true), "admin"),
+            (
+                small()
+                    .with_admin(true)
+                    .with_subln(false)
+                    .with_deepnorm(true),
+                "admin",
+            ),
             (small().with_admin(true).with_subln(false), "admin"),
-            (small().with_admin_output_change_scale("O(n^2)"), "admin_output_change_scale"),
+            (
+                small().with_admin_output_change_scale("O(n^2)"),
+                "admin_output_change_scale",
+            ),
         ];
         for (cfg, field) in cases {
             assert_eq!(field_of(cfg.finalize()), field);
         }
         // Fine: top-1 with one expert, -1 vocabulary, MoE-free top-2 expert count.
-        assert!(small().with_moe(2, 1).with_moe_top1(true).finalize().is_ok());
+        assert!(small()
+            .with_moe(2, 1)
+            .with_moe_top1(true)
+            .finalize()
+            .is_ok());
         assert!(small().with_vocab_size(-1).finalize().is_ok());
-        assert!(small().with_moe_second_expert_policy("all").finalize().is_ok());
+        assert!(small()
+            .with_moe_second_expert_policy("all")
+            .finalize()
+            .is_ok());
     }
 
     #[test]
     fn multiway_with_moe_is_allowed_in_a_decoder() {
         // torchscale only asserts this in the encoder layer.
-        assert!(small().with_multiway(true).with_moe(2, 4).finalize().is_ok());
+        assert!(small()
+            .with_multiway(true)
+            .with_moe(2, 4)
+            .finalize()
+            .is_ok());
     }
 
     #[test]
@@ -459,13 +506,22 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        assert_eq!(field_of(DecoderConfig::from_json_str(r#"{"activation_fn": "tanh"}"#)), "activation_fn");
-        assert_eq!(field_of(DecoderConfig::from_json_str(r#"{"decoder_layers": -3}"#)), "decoder_layers");
         assert_eq!(
-            field_of(DecoderConfig::from_json_str(r#"{"decoder_embed_dim": 30, "decoder_attention_heads": 4}"#)),
+            field_of(DecoderConfig::from_json_str(r#"{"activation_fn": "tanh"}"#)),
+            "activation_fn"
+        );
+        assert_eq!(
+            field_of(DecoderConfig::from_json_str(r#"{"decoder_layers": -3}"#)),
+            "decoder_layers"
+        );
+        assert_eq!(
+            field_of(DecoderConfig::from_json_str(
+                r#"{"decoder_embed_dim": 30, "decoder_attention_heads": 4}"#
+            )),
             "decoder_attention_heads"
         );
-        let c = DecoderConfig::from_json_str(r#"{"activation_fn": "swish", "some_future_key": 1}"#).unwrap();
+        let c = DecoderConfig::from_json_str(r#"{"activation_fn": "swish", "some_future_key": 1}"#)
+            .unwrap();
         assert_eq!(c.activation_fn, Activation::Swish);
     }
 
@@ -483,14 +539,25 @@ mod tests {
         assert_eq!(v["admin"], json!(true));
         assert_eq!(v["admin_output_change_scale"], json!("O(1)"));
         let plain: Value = serde_json::from_str(&small().to_json_string().unwrap()).unwrap();
-        for k in ["admin", "admin_output_change_scale", "admin_as_parameter", "xmoe_paper_routing", "flash_attention", "segment_length"] {
+        for k in [
+            "admin",
+            "admin_output_change_scale",
+            "admin_as_parameter",
+            "xmoe_paper_routing",
+            "flash_attention",
+            "segment_length",
+        ] {
             assert!(plain.get(k).is_none(), "{k} serialised at its default");
         }
     }
 
     #[test]
     fn derived_quantities() {
-        let c = small().with_scale_embedding(true).with_drop_path_rate(0.2).with_layers(3).with_rel_pos(16, 8);
+        let c = small()
+            .with_scale_embedding(true)
+            .with_drop_path_rate(0.2)
+            .with_layers(3)
+            .with_rel_pos(16, 8);
         assert_eq!(c.head_dim(), 8);
         assert!((c.embed_scale() - 32f64.sqrt()).abs() < 1e-12);
         assert_eq!(c.drop_path_prob(1), 0.1);
@@ -513,7 +580,10 @@ mod tests {
         }
         let good = dir.join("good.json");
         std::fs::write(&good, small().to_json_string().unwrap()).unwrap();
-        assert_eq!(DecoderConfig::from_json_file(&good).unwrap(), small().finalize().unwrap());
+        assert_eq!(
+            DecoderConfig::from_json_file(&good).unwrap(),
+            small().finalize().unwrap()
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

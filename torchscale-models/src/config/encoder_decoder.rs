@@ -317,7 +317,10 @@ impl EncoderDecoderConfig {
         validate::shared(&shared)?;
         // torchscale's EncoderLayer asserts this for MoE layers.
         if self.multiway && self.moe_freq > 0 {
-            return Err(Error::config("multiway", "cannot be combined with MoE layers (moe_freq > 0)"));
+            return Err(Error::config(
+                "multiway",
+                "cannot be combined with MoE layers (moe_freq > 0)",
+            ));
         }
         validate::admin(
             &shared,
@@ -380,11 +383,21 @@ impl EncoderDecoderConfig {
     }
     /// The encoder's technique (meaningful after [`finalize`](Self::finalize)).
     pub fn encoder_technique(&self) -> Technique {
-        Technique::from_flags(self.admin, self.deepnorm, self.subln, self.encoder_normalize_before)
+        Technique::from_flags(
+            self.admin,
+            self.deepnorm,
+            self.subln,
+            self.encoder_normalize_before,
+        )
     }
     /// The decoder's technique (meaningful after [`finalize`](Self::finalize)).
     pub fn decoder_technique(&self) -> Technique {
-        Technique::from_flags(self.admin, self.deepnorm, self.subln, self.decoder_normalize_before)
+        Technique::from_flags(
+            self.admin,
+            self.deepnorm,
+            self.subln,
+            self.decoder_normalize_before,
+        )
     }
     /// The encoder's stack shape (its DeepNorm/Sub-LN constants depend on both depths).
     pub fn encoder_stack_kind(&self) -> StackKind {
@@ -470,7 +483,7 @@ impl EncoderDecoderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::Value;
 
     fn field_of(r: Result<EncoderDecoderConfig>) -> String {
         match r {
@@ -480,7 +493,11 @@ mod tests {
     }
 
     fn small() -> EncoderDecoderConfig {
-        EncoderDecoderConfig::new().with_embed_dim(32).with_heads(4).with_ffn_dim(64).with_layers(3, 2)
+        EncoderDecoderConfig::new()
+            .with_embed_dim(32)
+            .with_heads(4)
+            .with_ffn_dim(64)
+            .with_layers(3, 2)
     }
 
     /// Every default of SPEC 1.1 (EncoderDecoderConfig paragraph, 0.3.0 fields).
@@ -507,8 +524,14 @@ mod tests {
         }"#,
         )
         .unwrap();
-        assert_eq!(serde_json::to_value(EncoderDecoderConfig::default()).unwrap(), spec);
-        assert_eq!(EncoderDecoderConfig::from_json_str("{}").unwrap(), EncoderDecoderConfig::default());
+        assert_eq!(
+            serde_json::to_value(EncoderDecoderConfig::default()).unwrap(),
+            spec
+        );
+        assert_eq!(
+            EncoderDecoderConfig::from_json_str("{}").unwrap(),
+            EncoderDecoderConfig::default()
+        );
     }
 
     #[test]
@@ -516,18 +539,35 @@ mod tests {
         // 0.3.0: deepnorm clears both flags (HEAD would leave the decoder Pre-LN).
         let c = small().with_deepnorm(true).finalize().unwrap();
         assert!(!c.encoder_normalize_before && !c.decoder_normalize_before && !c.subln);
-        assert_eq!((c.encoder_technique(), c.decoder_technique()), (Technique::DeepNorm, Technique::DeepNorm));
+        assert_eq!(
+            (c.encoder_technique(), c.decoder_technique()),
+            (Technique::DeepNorm, Technique::DeepNorm)
+        );
         let s = small().with_normalize_before(false).finalize().unwrap();
         assert!(s.encoder_normalize_before && s.decoder_normalize_before);
-        let x = small().with_moe(2, 4).with_xmoe(true).with_moe_second_expert_policy("all").finalize().unwrap();
+        let x = small()
+            .with_moe(2, 4)
+            .with_xmoe(true)
+            .with_moe_second_expert_policy("all")
+            .finalize()
+            .unwrap();
         assert!(x.moe_normalize_gate_prob_before_dropping);
         assert_eq!(x.moe_second_expert_policy, "random");
         // Different flags per stack survive when neither subln nor deepnorm is on.
         let mut mixed = small().with_subln(false);
         mixed.decoder_normalize_before = false;
         let mixed = mixed.finalize().unwrap();
-        assert_eq!((mixed.encoder_technique(), mixed.decoder_technique()), (Technique::PreLn, Technique::PostLn));
-        for t in [Technique::PostLn, Technique::PreLn, Technique::DeepNorm, Technique::SubLn, Technique::Admin] {
+        assert_eq!(
+            (mixed.encoder_technique(), mixed.decoder_technique()),
+            (Technique::PreLn, Technique::PostLn)
+        );
+        for t in [
+            Technique::PostLn,
+            Technique::PreLn,
+            Technique::DeepNorm,
+            Technique::SubLn,
+            Technique::Admin,
+        ] {
             let c = small().with_technique(t).finalize().unwrap();
             assert_eq!((c.encoder_technique(), c.decoder_technique()), (t, t));
         }
@@ -596,7 +636,9 @@ mod tests {
             let enc = src.encoder_config().finalize().unwrap();
             let dec = src.decoder_config().finalize().unwrap();
             let check = |view: Value, own: &[&str]| {
-                let Value::Object(view) = view else { panic!("not an object") };
+                let Value::Object(view) = view else {
+                    panic!("not an object")
+                };
                 for (k, v) in &view {
                     match src_v.get(k) {
                         Some(s) if !own.contains(&k.as_str()) => assert_eq!(s, v, "{k}"),
@@ -619,15 +661,26 @@ mod tests {
             };
             check(
                 serde_json::to_value(&enc).unwrap(),
-                &["img_size", "patch_size", "in_chans", "share_encoder_input_output_embed"],
+                &[
+                    "img_size",
+                    "patch_size",
+                    "in_chans",
+                    "share_encoder_input_output_embed",
+                ],
             );
-            check(serde_json::to_value(&dec).unwrap(), &["share_decoder_input_output_embed"]);
+            check(
+                serde_json::to_value(&dec).unwrap(),
+                &["share_decoder_input_output_embed"],
+            );
             assert_eq!(enc.encoder_attention_heads, src.encoder_attention_heads);
             assert_eq!(dec.decoder_attention_heads, src.decoder_attention_heads);
             assert_eq!(enc.max_source_positions, src.max_source_positions);
             assert_eq!(dec.max_target_positions, src.max_target_positions);
             assert_eq!(enc.normalize_output, src.normalize_output);
-            assert!(dec.share_decoder_input_output_embed, "set directly or by share_all_embeddings");
+            assert!(
+                dec.share_decoder_input_output_embed,
+                "set directly or by share_all_embeddings"
+            );
             assert!(!enc.share_encoder_input_output_embed);
             assert_eq!(enc.technique(), src.encoder_technique());
             assert_eq!(dec.technique(), src.decoder_technique());

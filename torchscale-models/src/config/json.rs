@@ -49,7 +49,9 @@ fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
     };
     match serde_json::from_value::<T>(Value::Object(map.clone())) {
         Ok(t) => Ok(t),
-        Err(e) => Err(culprit::<T>(&map).unwrap_or_else(|| Error::invalid("config JSON", e.to_string()))),
+        Err(e) => {
+            Err(culprit::<T>(&map).unwrap_or_else(|| Error::invalid("config JSON", e.to_string())))
+        }
     }
 }
 

@@ -148,7 +148,10 @@ mod golden_tests {
             }
         }
         for class in ["encoder", "decoder", "encoder_decoder"] {
-            assert!(seen.get(class).copied().unwrap_or(0) > 0, "no golden {class} config");
+            assert!(
+                seen.get(class).copied().unwrap_or(0) > 0,
+                "no golden {class} config"
+            );
         }
     }
 }

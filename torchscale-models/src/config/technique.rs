@@ -80,8 +80,17 @@ mod tests {
     #[test]
     fn precedence() {
         // Admin wins over everything, DeepNorm over Sub-LN (SPEC 1.2 step 1 runs first).
-        assert_eq!(Technique::from_flags(true, true, true, true), Technique::Admin);
-        assert_eq!(Technique::from_flags(false, true, true, true), Technique::DeepNorm);
-        assert_eq!(Technique::from_flags(false, false, true, false), Technique::SubLn);
+        assert_eq!(
+            Technique::from_flags(true, true, true, true),
+            Technique::Admin
+        );
+        assert_eq!(
+            Technique::from_flags(false, true, true, true),
+            Technique::DeepNorm
+        );
+        assert_eq!(
+            Technique::from_flags(false, false, true, false),
+            Technique::SubLn
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Validation rules shared by the three config structs. Each failure is an
-//! [`Error::Config`](torchscale_core::Error::Config) naming the torchscale field at fault.
+//! [`Error::Config`] naming the torchscale field at fault.
 
 use torchscale_core::{Error, Result};
 
@@ -85,7 +85,10 @@ pub(crate) fn stack(
         return Err(Error::config(format!("{prefix}_embed_dim"), "must be > 0"));
     }
     if heads == 0 {
-        return Err(Error::config(format!("{prefix}_attention_heads"), "must be > 0"));
+        return Err(Error::config(
+            format!("{prefix}_attention_heads"),
+            "must be > 0",
+        ));
     }
     // torchscale floors d / H silently and then fails in a reshape; say why up front.
     if embed_dim % heads != 0 {
@@ -95,7 +98,10 @@ pub(crate) fn stack(
         ));
     }
     if ffn_dim == 0 {
-        return Err(Error::config(format!("{prefix}_ffn_embed_dim"), "must be > 0"));
+        return Err(Error::config(
+            format!("{prefix}_ffn_embed_dim"),
+            "must be > 0",
+        ));
     }
     if layers == 0 {
         return Err(Error::config(format!("{prefix}_layers"), "must be > 0"));
@@ -162,7 +168,10 @@ pub(crate) fn shared(s: &Shared<'_>) -> Result<()> {
     if s.vocab_size == 0 || s.vocab_size < -1 {
         return Err(Error::config(
             "vocab_size",
-            format!("must be > 0, or -1 for no output projection; got {}", s.vocab_size),
+            format!(
+                "must be > 0, or -1 for no output projection; got {}",
+                s.vocab_size
+            ),
         ));
     }
     if s.xpos_scale_base == 0 {
@@ -194,7 +203,10 @@ fn moe(s: &Shared<'_>) -> Result<()> {
         ));
     }
     if s.moe_freq > 0 && s.moe_expert_count == 0 {
-        return Err(Error::config("moe_expert_count", "must be > 0 when moe_freq > 0"));
+        return Err(Error::config(
+            "moe_expert_count",
+            "must be > 0 when moe_freq > 0",
+        ));
     }
     // Top-2 picks the second expert among the others; with one expert there is none.
     if s.moe_freq > 0 && !s.moe_top1_expert && s.moe_expert_count < 2 {
@@ -219,7 +231,10 @@ fn moe(s: &Shared<'_>) -> Result<()> {
         ));
     }
     if s.xmoe_paper_routing && !s.use_xmoe {
-        return Err(Error::config("xmoe_paper_routing", "requires use_xmoe = true"));
+        return Err(Error::config(
+            "xmoe_paper_routing",
+            "requires use_xmoe = true",
+        ));
     }
     Ok(())
 }
@@ -232,18 +247,24 @@ fn rel_pos(buckets: usize, max_rel_pos: usize) -> Result<()> {
         // torchscale silently builds no bias when only one is set; we report the missing one.
         (true, false) => Err(Error::config(
             "max_rel_pos",
-            format!("must be > 0 when rel_pos_buckets = {buckets} (else no relative bias is built)"),
+            format!(
+                "must be > 0 when rel_pos_buckets = {buckets} (else no relative bias is built)"
+            ),
         )),
         (false, true) => Err(Error::config(
             "rel_pos_buckets",
-            format!("must be > 0 when max_rel_pos = {max_rel_pos} (else no relative bias is built)"),
+            format!(
+                "must be > 0 when max_rel_pos = {max_rel_pos} (else no relative bias is built)"
+            ),
         )),
         (true, true) => {
             let max_exact = buckets / 4;
             if max_exact == 0 {
                 return Err(Error::config(
                     "rel_pos_buckets",
-                    format!("must be >= 4 (got {buckets}): the bucket formula divides by buckets / 4"),
+                    format!(
+                        "must be >= 4 (got {buckets}): the bucket formula divides by buckets / 4"
+                    ),
                 ));
             }
             if max_rel_pos <= max_exact {
@@ -282,11 +303,26 @@ mod tests {
     #[test]
     fn stack_rules() {
         assert!(stack("encoder", 32, 4, 64, 2, true).is_ok());
-        assert_eq!(field(stack("encoder", 0, 4, 64, 2, false)), "encoder_embed_dim");
-        assert_eq!(field(stack("decoder", 32, 0, 64, 2, false)), "decoder_attention_heads");
-        assert_eq!(field(stack("decoder", 30, 4, 64, 2, false)), "decoder_attention_heads");
-        assert_eq!(field(stack("encoder", 32, 4, 0, 2, false)), "encoder_ffn_embed_dim");
-        assert_eq!(field(stack("encoder", 32, 4, 64, 0, false)), "encoder_layers");
+        assert_eq!(
+            field(stack("encoder", 0, 4, 64, 2, false)),
+            "encoder_embed_dim"
+        );
+        assert_eq!(
+            field(stack("decoder", 32, 0, 64, 2, false)),
+            "decoder_attention_heads"
+        );
+        assert_eq!(
+            field(stack("decoder", 30, 4, 64, 2, false)),
+            "decoder_attention_heads"
+        );
+        assert_eq!(
+            field(stack("encoder", 32, 4, 0, 2, false)),
+            "encoder_ffn_embed_dim"
+        );
+        assert_eq!(
+            field(stack("encoder", 32, 4, 64, 0, false)),
+            "encoder_layers"
+        );
         // head dim 32 / 32 = 1 is odd.
         assert_eq!(field(stack("encoder", 32, 32, 64, 2, true)), "xpos_rel_pos");
         assert!(stack("encoder", 32, 32, 64, 2, false).is_ok());

@@ -204,7 +204,7 @@ impl AdamW {
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
-            let mut moment = |prefix: &str| -> Result<Tensor> {
+            let moment = |prefix: &str| -> Result<Tensor> {
                 let key = format!("{prefix}{}", s.name);
                 let t = get(key.clone())?;
                 if t.dims() != s.var.dims() {
@@ -244,3 +244,7 @@ impl AdamW {
         self.load_state(&state)
     }
 }
+
+#[cfg(test)]
+#[path = "optimizer_tests.rs"]
+mod tests;

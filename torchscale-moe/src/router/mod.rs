@@ -158,7 +158,7 @@ impl MoeRouter {
                 u.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
             }
             None => {
-                let mut draw = |g: &mut StdRng| (0..n).map(|_| g.random::<f64>()).collect();
+                let draw = |g: &mut StdRng| (0..n).map(|_| g.random::<f64>()).collect();
                 match opts.seed {
                     Some(seed) => draw(&mut StdRng::seed_from_u64(seed)),
                     None => {
