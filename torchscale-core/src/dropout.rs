@@ -21,7 +21,9 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     let b = x.dim(0)?;
     let mut shape = vec![1usize; x.rank()];
     shape[0] = b;
-    let keep = Tensor::rand(0f32, 1f32, b, x.device())?.ge(p as f32)?.to_dtype(x.dtype())?;
+    let keep = Tensor::rand(0f32, 1f32, b, x.device())?
+        .ge(p as f32)?
+        .to_dtype(x.dtype())?;
     let keep = (keep.reshape(shape)? / (1.0 - p))?;
     Ok(x.broadcast_mul(&keep)?)
 }

@@ -36,6 +36,12 @@ pub struct AuxOutput {
     pub balance_loss: Tensor,
     /// Routing statistics.
     pub stats: RoutingStats,
+    /// The full routing decision, for diagnostics (torchscale's hooks record the same).
+    pub routing: Option<Box<Routing>>,
+    /// The `[S, C]` rows the layer routed, in its token order.
+    pub input: Option<Tensor>,
+    /// The `[S, C]` rows it returned.
+    pub output: Option<Tensor>,
 }
 
 /// What became of one expert choice of one token.

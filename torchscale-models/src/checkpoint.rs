@@ -15,7 +15,10 @@ pub fn layer_buffers(layers: &[Layer], prefix: &str) -> Result<Vec<(String, Tens
     let mut out = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         if let Some(x) = l.self_attn().xpos() {
-            out.push((format!("{prefix}layers.{i}.self_attn.xpos.scale"), x.scale_buffer(&Device::Cpu)?));
+            out.push((
+                format!("{prefix}layers.{i}.self_attn.xpos.scale"),
+                x.scale_buffer(&Device::Cpu)?,
+            ));
         }
     }
     Ok(out)
@@ -23,14 +26,20 @@ pub fn layer_buffers(layers: &[Layer], prefix: &str) -> Result<Vec<(String, Tens
 
 /// Reads every tensor of a safetensors file (to CPU), with the file's metadata.
 pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let file_err = |reason: String| Error::File { path: path.display().to_string(), reason };
+    let file_err = |reason: String| Error::File {
+        path: path.display().to_string(),
+        reason,
+    };
     let bytes = std::fs::read(path).map_err(|e| file_err(e.to_string()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("corrupt safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(format!("corrupt safetensors file: {e}")))?;
     let mut map = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| file_err(format!("tensor `{name}`: {e}")))?;
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| file_err(format!("tensor `{name}`: {e}")))?;
         map.insert(name, t);
     }
     Ok((map, metadata))
@@ -49,12 +58,25 @@ pub fn load_into(
     // Check everything before writing anything, so a bad file leaves the model untouched.
     let mut plan = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
-        let t = tensors.get(name).ok_or_else(|| Error::MissingTensor { key: name.clone() })?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { key: name.clone() })?;
         if t.dims() != var.dims() {
-            return Err(Error::TensorShape { key: name.clone(), expected: var.dims().to_vec(), got: t.dims().to_vec() });
+            return Err(Error::TensorShape {
+                key: name.clone(),
+                expected: var.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
         }
-        if !matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
-            return Err(Error::DType { what: name.clone(), expected: var.dtype(), got: t.dtype() });
+        if !matches!(
+            t.dtype(),
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        ) {
+            return Err(Error::DType {
+                what: name.clone(),
+                expected: var.dtype(),
+                got: t.dtype(),
+            });
         }
         plan.push((var, t));
     }
@@ -69,7 +91,11 @@ pub fn load_into(
     for (name, buf) in buffers {
         if let Some(t) = tensors.get(name) {
             if t.dims() != buf.dims() {
-                return Err(Error::TensorShape { key: name.clone(), expected: buf.dims().to_vec(), got: t.dims().to_vec() });
+                return Err(Error::TensorShape {
+                    key: name.clone(),
+                    expected: buf.dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
             }
         }
     }
@@ -80,7 +106,12 @@ pub fn load_into(
 }
 
 /// Loads a checkpoint file into `store` (see [`load_into`]).
-pub fn load_file(store: &ParamStore, path: &Path, buffers: &[(String, Tensor)], aliases: &[(&str, &str)]) -> Result<()> {
+pub fn load_file(
+    store: &ParamStore,
+    path: &Path,
+    buffers: &[(String, Tensor)],
+    aliases: &[(&str, &str)],
+) -> Result<()> {
     let (tensors, _) = read_safetensors(path)?;
     load_into(store, &tensors, buffers, aliases)
 }
@@ -109,13 +140,19 @@ pub fn save_file(
     let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = tensors
         .iter()
         .map(|(k, t)| -> Result<_> {
-            let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?;
+            let t = t
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?;
             let v: Vec<f32> = t.to_vec1()?;
             let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             Ok((k.clone(), bytes, Vec::new(), safetensors::Dtype::F32))
         })
         .collect::<Result<_>>()?;
-    let shapes: HashMap<&str, Vec<usize>> = tensors.iter().map(|(k, t)| (k.as_str(), t.dims().to_vec())).collect();
+    let shapes: HashMap<&str, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.dims().to_vec()))
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
         .map(|(k, b, _, dt)| {
@@ -124,12 +161,22 @@ pub fn save_file(
             Ok((k.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let file_err = |reason: String| Error::File { path: path.display().to_string(), reason };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_err = |reason: String| Error::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| file_err(e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| file_err(e.to_string()))?;
     write_atomic(&tmp, path, &bytes)
 }
 
@@ -144,7 +191,10 @@ pub fn write_atomic(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(tmp);
-        return Err(Error::File { path: path.display().to_string(), reason: e.to_string() });
+        return Err(Error::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        });
     }
     Ok(())
 }

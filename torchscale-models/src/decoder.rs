@@ -24,7 +24,10 @@ pub struct IncrementalState {
 impl IncrementalState {
     /// An empty state; with `prompt = true` the first call may take a whole prompt.
     pub fn new(prompt: bool) -> Self {
-        Self { layers: Vec::new(), is_first_step: prompt }
+        Self {
+            layers: Vec::new(),
+            is_first_step: prompt,
+        }
     }
 
     /// Number of cached time steps.
@@ -104,21 +107,48 @@ impl Decoder {
     ) -> Result<Self> {
         let vocab = usize::try_from(spec.vocab_size.max(0)).unwrap_or(0);
         if vocab == 0 && tokens.is_none() {
-            return Err(Error::config("vocab_size", "the decoder needs a vocabulary for its token embedding"));
+            return Err(Error::config(
+                "vocab_size",
+                "the decoder needs a vocabulary for its token embedding",
+            ));
         }
         let vocab = tokens.as_ref().map(|t| t.vocab_size()).unwrap_or(vocab);
         let embed = EmbeddingStage::new(&spec, false, tokens, vocab, vb.clone())?;
         let layers = (0..spec.layers)
-            .map(|i| Layer::new(&spec, stabilizer.as_ref(), i, is_encoder_decoder, true, vb.pp("layers").pp(i)))
+            .map(|i| {
+                Layer::new(
+                    &spec,
+                    stabilizer.as_ref(),
+                    i,
+                    is_encoder_decoder,
+                    true,
+                    vb.pp("layers").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let layer_norm = if stabilizer.final_norm() {
-            Some(LayerNorm::new(spec.embed_dim, spec.layernorm_eps, vb.pp("layer_norm"))?)
+            Some(LayerNorm::new(
+                spec.embed_dim,
+                spec.layernorm_eps,
+                vb.pp("layer_norm"),
+            )?)
         } else {
             None
         };
         let (self_rel, cross_rel) = if spec.rel_pos() {
-            let mk = |name: &str| RelativePositionBias::new(spec.rel_pos_buckets, spec.max_rel_pos, spec.heads, vb.pp(name));
-            let cross = if is_encoder_decoder { Some(mk("cross_attn_relative_position")?) } else { None };
+            let mk = |name: &str| {
+                RelativePositionBias::new(
+                    spec.rel_pos_buckets,
+                    spec.max_rel_pos,
+                    spec.heads,
+                    vb.pp(name),
+                )
+            };
+            let cross = if is_encoder_decoder {
+                Some(mk("cross_attn_relative_position")?)
+            } else {
+                None
+            };
             (Some(mk("self_attn_relative_position")?), cross)
         } else {
             (None, None)
@@ -128,12 +158,26 @@ impl Decoder {
                 Some(Linear::new(embed.tokens.weight().clone(), None))
             } else {
                 let std = (spec.embed_dim as f64).powf(-0.5);
-                Some(linear_normal(spec.embed_dim, spec.vocab_size as usize, std, vb.pp("output_projection"))?)
+                Some(linear_normal(
+                    spec.embed_dim,
+                    spec.vocab_size as usize,
+                    std,
+                    vb.pp("output_projection"),
+                )?)
             }
         } else {
             None
         };
-        Ok(Self { embed, layers, layer_norm, self_rel, cross_rel, output_projection, spec, stabilizer })
+        Ok(Self {
+            embed,
+            layers,
+            layer_norm,
+            self_rel,
+            cross_rel,
+            output_projection,
+            spec,
+            stabilizer,
+        })
     }
 
     /// The stack description.
@@ -162,7 +206,11 @@ impl Decoder {
     }
 
     /// Full-sequence forward of `prev_output_tokens: [B, T]` (causal).
-    pub fn forward(&self, prev_output_tokens: &Tensor, inp: &DecoderInputs) -> Result<DecoderOutput> {
+    pub fn forward(
+        &self,
+        prev_output_tokens: &Tensor,
+        inp: &DecoderInputs,
+    ) -> Result<DecoderOutput> {
         self.run(prev_output_tokens, inp, None)
     }
 
@@ -175,17 +223,28 @@ impl Decoder {
         state: &mut IncrementalState,
     ) -> Result<DecoderOutput> {
         if state.layers.len() != self.layers.len() {
-            state.layers.resize_with(self.layers.len(), KvCache::default);
+            state
+                .layers
+                .resize_with(self.layers.len(), KvCache::default);
         }
         self.run(prev_output_tokens, inp, Some(state))
     }
 
-    fn run(&self, tokens: &Tensor, inp: &DecoderInputs, mut state: Option<&mut IncrementalState>) -> Result<DecoderOutput> {
+    fn run(
+        &self,
+        tokens: &Tensor,
+        inp: &DecoderInputs,
+        mut state: Option<&mut IncrementalState>,
+    ) -> Result<DecoderOutput> {
         let (b, slen) = tokens
             .dims2()
             .map_err(|_| Error::shape("prev_output_tokens", "[B, T]", tokens.dims()))?;
         if slen == 0 {
-            return Err(Error::shape("prev_output_tokens", "[B, T] with T >= 1", tokens.dims()));
+            return Err(Error::shape(
+                "prev_output_tokens",
+                "[B, T] with T >= 1",
+                tokens.dims(),
+            ));
         }
         let first = state.as_ref().map(|s| s.is_first_step).unwrap_or(false);
         let single_step = state.is_some() && !first;
@@ -199,7 +258,11 @@ impl Decoder {
                 ));
             }
         }
-        let (toks, start) = if single_step { (tokens.narrow(1, slen - 1, 1)?, slen - 1) } else { (tokens.clone(), 0) };
+        let (toks, start) = if single_step {
+            (tokens.narrow(1, slen - 1, 1)?, slen - 1)
+        } else {
+            (tokens.clone(), 0)
+        };
         let (mut x, _) = self.embed.forward(&toks, start, Branch::A, inp.train)?;
         let t = toks.dim(1)?;
         let dev = tokens.device();
@@ -215,11 +278,19 @@ impl Decoder {
             };
             (s, c)
         };
-        let mask = if single_step { None } else { Some(causal_mask(t, dev)?.to_dtype(x.dtype())?) };
+        let mask = if single_step {
+            None
+        } else {
+            Some(causal_mask(t, dev)?.to_dtype(x.dtype())?)
+        };
         if let Some(m) = inp.memory {
             let (mb, _, mc) = m.encoder_out.dims3()?;
             if mb != b || mc != self.spec.embed_dim {
-                return Err(Error::shape("encoder_out", format!("[{b}, S, {}]", self.spec.embed_dim), m.encoder_out.dims()));
+                return Err(Error::shape(
+                    "encoder_out",
+                    format!("[{b}, S, {}]", self.spec.embed_dim),
+                    m.encoder_out.dims(),
+                ));
             }
         }
         let mut inner_states = vec![x.clone()];
@@ -252,12 +323,19 @@ impl Decoder {
             x = ln.forward(&x)?;
         }
         if !inp.features_only {
-            let p = self
-                .output_projection
-                .as_ref()
-                .ok_or_else(|| Error::config("no_output_layer", "logits asked of a decoder without an output projection"))?;
+            let p = self.output_projection.as_ref().ok_or_else(|| {
+                Error::config(
+                    "no_output_layer",
+                    "logits asked of a decoder without an output projection",
+                )
+            })?;
             x = apply(p, &x)?;
         }
-        Ok(DecoderOutput { x, inner_states, l_aux, aux })
+        Ok(DecoderOutput {
+            x,
+            inner_states,
+            l_aux,
+            aux,
+        })
     }
 }

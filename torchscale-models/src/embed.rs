@@ -27,31 +27,64 @@ pub struct EmbeddingStage {
 
 impl EmbeddingStage {
     /// Builds under `vb` (the stack's root); `tokens` may be shared with another stack.
-    pub fn new(spec: &StackSpec, multiway_ln: bool, tokens: Option<TokenEmbedding>, vocab: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        spec: &StackSpec,
+        multiway_ln: bool,
+        tokens: Option<TokenEmbedding>,
+        vocab: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let tokens = match tokens {
             Some(t) => t,
-            None => TokenEmbedding::new(vocab, spec.embed_dim, Some(PADDING_IDX), vb.pp("embed_tokens"))?,
+            None => TokenEmbedding::new(
+                vocab,
+                spec.embed_dim,
+                Some(PADDING_IDX),
+                vb.pp("embed_tokens"),
+            )?,
         };
         let positions = if spec.learned_positions {
-            Some(PositionEmbedding::new(spec.max_positions, spec.embed_dim, vb.pp("embed_positions"))?)
+            Some(PositionEmbedding::new(
+                spec.max_positions,
+                spec.embed_dim,
+                vb.pp("embed_positions"),
+            )?)
         } else {
             None
         };
         let layernorm = if spec.layernorm_embedding {
-            Some(Multiway::new(multiway_ln, vb.pp("layernorm_embedding"), |vb| {
-                LayerNorm::new(spec.embed_dim, spec.layernorm_eps, vb)
-            })?)
+            Some(Multiway::new(
+                multiway_ln,
+                vb.pp("layernorm_embedding"),
+                |vb| LayerNorm::new(spec.embed_dim, spec.layernorm_eps, vb),
+            )?)
         } else {
             None
         };
-        Ok(Self { tokens, positions, layernorm, scale: spec.embed_scale(), dropout: spec.dropout })
+        Ok(Self {
+            tokens,
+            positions,
+            layernorm,
+            scale: spec.embed_scale(),
+            dropout: spec.dropout,
+        })
     }
 
     /// Returns `(x, embed)`: `embed = scale * E[tokens]`, `x` = embed + positions (from `start`),
     /// LayerNorm, dropout.
-    pub fn forward(&self, tokens: &Tensor, start: usize, branch: Branch, train: bool) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+        branch: Branch,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let e = self.tokens.forward(tokens)?;
-        let embed = if self.scale != 1.0 { (e * self.scale)? } else { e };
+        let embed = if self.scale != 1.0 {
+            (e * self.scale)?
+        } else {
+            e
+        };
         let mut x = embed.clone();
         if let Some(p) = &self.positions {
             x = x.broadcast_add(&p.forward(start, tokens.dim(1)?)?.to_dtype(x.dtype())?)?;

@@ -72,12 +72,24 @@ impl Encoder {
     ) -> Result<Self> {
         let vocab = usize::try_from(spec.vocab_size.max(0)).unwrap_or(0);
         if vocab == 0 && tokens.is_none() {
-            return Err(Error::config("vocab_size", "the encoder needs a vocabulary for its token embedding"));
+            return Err(Error::config(
+                "vocab_size",
+                "the encoder needs a vocabulary for its token embedding",
+            ));
         }
         let vocab = tokens.as_ref().map(|t| t.vocab_size()).unwrap_or(vocab);
         let embed = EmbeddingStage::new(&spec, spec.multiway, tokens, vocab, vb.clone())?;
         let layers = (0..spec.layers)
-            .map(|i| Layer::new(&spec, stabilizer.as_ref(), i, false, false, vb.pp("layers").pp(i)))
+            .map(|i| {
+                Layer::new(
+                    &spec,
+                    stabilizer.as_ref(),
+                    i,
+                    false,
+                    false,
+                    vb.pp("layers").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let layer_norm = if stabilizer.final_norm() && spec.normalize_output {
             Some(Multiway::new(spec.multiway, vb.pp("layer_norm"), |vb| {
@@ -87,21 +99,40 @@ impl Encoder {
             None
         };
         let relative_position = if spec.rel_pos() {
-            Some(RelativePositionBias::new(spec.rel_pos_buckets, spec.max_rel_pos, spec.heads, vb.pp("relative_position"))?)
+            Some(RelativePositionBias::new(
+                spec.rel_pos_buckets,
+                spec.max_rel_pos,
+                spec.heads,
+                vb.pp("relative_position"),
+            )?)
         } else {
             None
         };
-        let output_projection = if !in_encoder_decoder && spec.vocab_size > 0 && !spec.no_output_layer {
-            if spec.share_input_output_embed {
-                Some(Linear::new(embed.tokens.weight().clone(), None))
+        let output_projection =
+            if !in_encoder_decoder && spec.vocab_size > 0 && !spec.no_output_layer {
+                if spec.share_input_output_embed {
+                    Some(Linear::new(embed.tokens.weight().clone(), None))
+                } else {
+                    let std = (spec.embed_dim as f64).powf(-0.5);
+                    Some(linear_normal(
+                        spec.embed_dim,
+                        spec.vocab_size as usize,
+                        std,
+                        vb.pp("output_projection"),
+                    )?)
+                }
             } else {
-                let std = (spec.embed_dim as f64).powf(-0.5);
-                Some(linear_normal(spec.embed_dim, spec.vocab_size as usize, std, vb.pp("output_projection"))?)
-            }
-        } else {
-            None
-        };
-        Ok(Self { embed, layers, layer_norm, relative_position, output_projection, spec, stabilizer })
+                None
+            };
+        Ok(Self {
+            embed,
+            layers,
+            layer_norm,
+            relative_position,
+            output_projection,
+            spec,
+            stabilizer,
+        })
     }
 
     /// The stack description.
@@ -138,7 +169,11 @@ impl Encoder {
         let mask = match inp.padding_mask {
             Some(m) => {
                 if m.dims() != [b, t] {
-                    return Err(Error::shape("encoder_padding_mask", format!("[{b}, {t}]"), m.dims()));
+                    return Err(Error::shape(
+                        "encoder_padding_mask",
+                        format!("[{b}, {t}]"),
+                        m.dims(),
+                    ));
                 }
                 m.ne(0u32)?
             }
@@ -193,6 +228,13 @@ impl Encoder {
             (Some(p), false) => apply(p, &x)?,
             _ => x,
         };
-        Ok(EncoderOutput { encoder_out, encoder_embedding: embed, encoder_padding_mask: mask, encoder_states: states, l_aux, aux })
+        Ok(EncoderOutput {
+            encoder_out,
+            encoder_embedding: embed,
+            encoder_padding_mask: mask,
+            encoder_states: states,
+            l_aux,
+            aux,
+        })
     }
 }

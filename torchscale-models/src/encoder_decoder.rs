@@ -29,7 +29,11 @@ impl EncoderDecoder {
         vb: VarBuilder,
     ) -> Result<Self> {
         let encoder = Encoder::from_spec(enc, enc_st, true, None, vb.pp("encoder"))?;
-        let shared = if share_all_embeddings { Some(encoder.embed_tokens().clone()) } else { None };
+        let shared = if share_all_embeddings {
+            Some(encoder.embed_tokens().clone())
+        } else {
+            None
+        };
         let decoder = Decoder::from_spec(dec, dec_st, true, shared, vb.pp("decoder"))?;
         Ok(Self { encoder, decoder })
     }
@@ -46,16 +50,36 @@ impl EncoderDecoder {
     ) -> Result<(EncoderOutput, DecoderOutput)> {
         let enc = self.encoder.forward(
             src_tokens,
-            &EncoderInputs { padding_mask: src_padding_mask, train, return_all_hiddens: true, ..Default::default() },
+            &EncoderInputs {
+                padding_mask: src_padding_mask,
+                train,
+                return_all_hiddens: true,
+                ..Default::default()
+            },
         )?;
         let dec = self.decode(&enc, prev_output_tokens, train)?;
         Ok((enc, dec))
     }
 
     /// Decodes against an encoder output.
-    pub fn decode(&self, enc: &EncoderOutput, prev_output_tokens: &Tensor, train: bool) -> Result<DecoderOutput> {
-        let memory = Memory { encoder_out: &enc.encoder_out, padding_mask: Some(&enc.encoder_padding_mask) };
-        let mut out = self.decoder.forward(prev_output_tokens, &DecoderInputs { memory: Some(memory), train, ..Default::default() })?;
+    pub fn decode(
+        &self,
+        enc: &EncoderOutput,
+        prev_output_tokens: &Tensor,
+        train: bool,
+    ) -> Result<DecoderOutput> {
+        let memory = Memory {
+            encoder_out: &enc.encoder_out,
+            padding_mask: Some(&enc.encoder_padding_mask),
+        };
+        let mut out = self.decoder.forward(
+            prev_output_tokens,
+            &DecoderInputs {
+                memory: Some(memory),
+                train,
+                ..Default::default()
+            },
+        )?;
         // torchscale appends the decoder's l_aux to the encoder's list.
         let mut l_aux = enc.l_aux.clone();
         l_aux.append(&mut out.l_aux);
@@ -68,15 +92,24 @@ impl EncoderDecoder {
 
     /// torchscale 0.3.0's `EncoderDecoder.forward(src, prev)`: no padding mask reaches the encoder,
     /// so padded source tokens are attended to. Kept for parity.
-    pub fn forward_torchscale(&self, src_tokens: &Tensor, prev_output_tokens: &Tensor) -> Result<DecoderOutput> {
-        let enc = self.encoder.forward(src_tokens, &EncoderInputs::default())?;
+    pub fn forward_torchscale(
+        &self,
+        src_tokens: &Tensor,
+        prev_output_tokens: &Tensor,
+    ) -> Result<DecoderOutput> {
+        let enc = self
+            .encoder
+            .forward(src_tokens, &EncoderInputs::default())?;
         self.decode(&enc, prev_output_tokens, false)
     }
 
     /// Buffers of both stacks, by key.
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         let mut b = crate::checkpoint::layer_buffers(self.encoder.layers(), "encoder.")?;
-        b.extend(crate::checkpoint::layer_buffers(self.decoder.layers(), "decoder.")?);
+        b.extend(crate::checkpoint::layer_buffers(
+            self.decoder.layers(),
+            "decoder.",
+        )?);
         Ok(b)
     }
 }

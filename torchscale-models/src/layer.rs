@@ -3,10 +3,16 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use torchscale_core::attention::{AttentionConfig, AttentionGains, AttentionInputs, KvCache, MultiheadAttention};
+use torchscale_core::attention::{
+    AttentionConfig, AttentionGains, AttentionInputs, KvCache, MultiheadAttention,
+};
 use torchscale_core::dropout::{drop_path, dropout};
 use torchscale_core::ffn::{FeedForward, FfnConfig};
-use torchscale_core::{Branch, Ctx, Multiway, NormSpec, ParamRole, Residual, Result, Site, Stabilizer};
+use torchscale_core::{
+    Branch, Ctx, Multiway, NormSpec, ParamRole, Residual, Result, Site, Stabilizer,
+};
+
+use torchscale_moe::MoeLayer;
 
 use crate::spec::StackSpec;
 
@@ -15,8 +21,8 @@ use crate::spec::StackSpec;
 pub enum FfnBlock {
     /// `ffn.*`.
     Dense(Multiway<FeedForward>),
-    /// `moe_layer.*` (wired in by issue #3).
-    Moe,
+    /// `moe_layer.*`.
+    Moe(Box<MoeLayer>),
 }
 
 /// Per-call inputs of a layer.
@@ -59,19 +65,37 @@ pub struct Layer {
 }
 
 fn gains(st: &dyn Stabilizer, site: Site) -> AttentionGains {
-    AttentionGains { v: st.init_gain(site, ParamRole::Value), out: st.init_gain(site, ParamRole::Out) }
+    AttentionGains {
+        v: st.init_gain(site, ParamRole::Value),
+        out: st.init_gain(site, ParamRole::Out),
+    }
 }
 
 impl Layer {
     /// Builds layer `index` under `vb` (= `layers.{index}`).
-    pub fn new(spec: &StackSpec, st: &dyn Stabilizer, index: usize, cross: bool, causal_stack: bool, vb: VarBuilder) -> Result<Self> {
-        let norm = NormSpec { dim: spec.embed_dim, eps: spec.layernorm_eps, multiway: spec.multiway && !causal_stack };
+    pub fn new(
+        spec: &StackSpec,
+        st: &dyn Stabilizer,
+        index: usize,
+        cross: bool,
+        causal_stack: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let norm = NormSpec {
+            dim: spec.embed_dim,
+            eps: spec.layernorm_eps,
+            multiway: spec.multiway && !causal_stack,
+        };
         let attn_cfg = |self_attention: bool, site: Site| AttentionConfig {
             embed_dim: spec.embed_dim,
             num_heads: spec.heads,
             self_attention,
             inner_norm: st.inner_norm(site),
-            xpos_scale_base: if self_attention { spec.xpos_scale_base } else { None },
+            xpos_scale_base: if self_attention {
+                spec.xpos_scale_base
+            } else {
+                None
+            },
             multiway: spec.multiway,
             attention_dropout: spec.attention_dropout,
             layernorm_eps: spec.layernorm_eps,
@@ -88,13 +112,21 @@ impl Layer {
                 gains(st, Site::CrossAttention),
                 vb.pp("encoder_attn"),
             )?;
-            let norm = NormSpec { multiway: false, ..norm };
+            let norm = NormSpec {
+                multiway: false,
+                ..norm
+            };
             Some((a, st.residual(Site::CrossAttention, norm, vb.clone())?))
         } else {
             None
         };
-        let ffn = if spec.is_moe_layer(index) {
-            return Err(torchscale_core::Error::config("moe_freq", "MoE layers are not wired into the models yet"));
+        let ffn = if let (true, Some(moe)) = (spec.is_moe_layer(index), &spec.moe) {
+            let mut cfg = moe.layer.clone();
+            cfg.inner_norm = st.inner_norm(Site::FeedForward);
+            let gain = st.init_gain(Site::FeedForward, ParamRole::Fc1);
+            FfnBlock::Moe(Box::new(
+                MoeLayer::new(cfg, gain, vb.pp("moe_layer"))?.with_layer_index(index),
+            ))
         } else {
             let cfg = FfnConfig {
                 embed_dim: spec.embed_dim,
@@ -108,10 +140,20 @@ impl Layer {
             // torchscale's decoder never wraps its FFN in multiway; the encoder does.
             let mw = spec.multiway && !causal_stack;
             let gain = st.init_gain(Site::FeedForward, ParamRole::Fc1);
-            FfnBlock::Dense(Multiway::new(mw, vb.pp("ffn"), |vb| FeedForward::new(cfg, gain, vb))?)
+            FfnBlock::Dense(Multiway::new(mw, vb.pp("ffn"), |vb| {
+                FeedForward::new(cfg, gain, vb)
+            })?)
         };
         let ffn_res = st.residual(Site::FeedForward, norm, vb.clone())?;
-        Ok(Self { self_attn, self_res, cross, ffn, ffn_res, dropout: spec.dropout, drop_path: spec.drop_path(index) })
+        Ok(Self {
+            self_attn,
+            self_res,
+            cross,
+            ffn,
+            ffn_res,
+            dropout: spec.dropout,
+            drop_path: spec.drop_path(index),
+        })
     }
 
     /// The self-attention module.
@@ -133,7 +175,9 @@ impl Layer {
         aux: &mut Vec<torchscale_core::AuxOutput>,
     ) -> Result<Tensor> {
         let (train, br) = (inp.train, inp.branch);
-        let post = |y: Tensor| -> Result<Tensor> { drop_path(&dropout(&y, self.dropout, train)?, self.drop_path, train) };
+        let post = |y: Tensor| -> Result<Tensor> {
+            drop_path(&dropout(&y, self.dropout, train)?, self.drop_path, train)
+        };
         let mut cache = cache;
         let x = self.self_res.forward_branch(x, br, &mut |h| {
             let a = AttentionInputs {
@@ -159,12 +203,24 @@ impl Layer {
             })?,
             _ => x,
         };
-        self.ffn_res.forward_branch(&x, br, &mut |h| match &self.ffn {
-            FfnBlock::Dense(ffn) => drop_path(&ffn.apply(h, br, |f, h| f.forward(h, train))?, self.drop_path, train),
-            FfnBlock::Moe => {
-                let _ = (&aux, Ctx::default(), inp.moe_uniform, inp.time_major);
-                Err(torchscale_core::Error::config("moe_freq", "MoE layers are not wired into the models yet"))
-            }
-        })
+        self.ffn_res
+            .forward_branch(&x, br, &mut |h| match &self.ffn {
+                FfnBlock::Dense(ffn) => drop_path(
+                    &ffn.apply(h, br, |f, h| f.forward(h, train))?,
+                    self.drop_path,
+                    train,
+                ),
+                FfnBlock::Moe(moe) => {
+                    let mut ctx = Ctx {
+                        train,
+                        moe_uniform: inp.moe_uniform,
+                        time_major: inp.time_major,
+                        ..Default::default()
+                    };
+                    let y = moe.forward_ctx(h, &mut ctx, moe.layer_index())?;
+                    aux.append(&mut ctx.aux);
+                    drop_path(&y, self.drop_path, train)
+                }
+            })
     }
 }

@@ -9,14 +9,7 @@ pub struct MoeSpec {
     /// Layer `i` is MoE when `(i + 1) % freq == 0`.
     pub freq: usize,
     /// The layer settings (experts, gate, capacity).
-    pub layer: MoeLayerConfig,
-}
-
-/// Placeholder until the MoE layer is wired in (issue #3).
-#[derive(Debug, Clone)]
-pub struct MoeLayerConfig {
-    /// Number of experts.
-    pub num_experts: usize,
+    pub layer: torchscale_moe::MoeConfig,
 }
 
 /// Everything a stack needs to be built.

@@ -36,7 +36,10 @@ mod tests {
 
     fn loss(p: &[f32], s: usize, e: usize, counts: &[usize]) -> f32 {
         let t = Tensor::from_slice(p, (s, e), &Device::Cpu).unwrap();
-        balance_loss(&t, counts).unwrap().to_scalar::<f32>().unwrap()
+        balance_loss(&t, counts)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]

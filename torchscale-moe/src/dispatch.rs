@@ -28,8 +28,8 @@ pub struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    /// The plan of `r`. Errors when an expert index, a slot or a duplicate slot is out of
-    /// order (a `Router` bug).
+    /// The plan of `r`. Errors when a kept choice names an expert or slot out of range, or two
+    /// kept choices share a slot (a `Router` bug).
     pub fn new(r: &Routing) -> Result<Self> {
         let s = r.num_tokens();
         let mut kept: Vec<(u32, u32, u32, u32)> = r

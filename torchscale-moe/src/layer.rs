@@ -295,9 +295,16 @@ impl MoeLayer {
             layer,
             balance_loss: out.balance_loss,
             stats: out.stats,
+            routing: Some(Box::new(out.routing)),
+            input: Some(flat),
+            output: Some(out.output.clone()),
         });
         if ctx.time_major {
-            Ok(out.output.reshape((t, b, c))?.transpose(0, 1)?.contiguous()?)
+            Ok(out
+                .output
+                .reshape((t, b, c))?
+                .transpose(0, 1)?
+                .contiguous()?)
         } else {
             Ok(out.output.reshape((b, t, c))?)
         }

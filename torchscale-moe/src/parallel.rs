@@ -98,7 +98,12 @@ impl ExpertComm for InProcessGroup {
         if chunks.len() != self.world {
             return Err(Error::invalid(
                 "chunks",
-                format!("{} ranks need {} chunks, got {}", self.world, self.world, chunks.len()),
+                format!(
+                    "{} ranks need {} chunks, got {}",
+                    self.world,
+                    self.world,
+                    chunks.len()
+                ),
             ));
         }
         let poisoned = || Error::invalid("InProcessGroup", "mailbox lock poisoned");
@@ -123,7 +128,11 @@ impl ExpertComm for InProcessGroup {
 }
 
 /// The experts owned by `rank`: `rank * E / W .. (rank + 1) * E / W`.
-pub fn local_experts(num_experts: usize, world: usize, rank: usize) -> Result<std::ops::Range<usize>> {
+pub fn local_experts(
+    num_experts: usize,
+    world: usize,
+    rank: usize,
+) -> Result<std::ops::Range<usize>> {
     if world == 0 || num_experts % world != 0 {
         return Err(Error::config(
             "moe_expert_count",
@@ -131,7 +140,10 @@ pub fn local_experts(num_experts: usize, world: usize, rank: usize) -> Result<st
         ));
     }
     if rank >= world {
-        return Err(Error::invalid("rank", format!("{rank} >= world size {world}")));
+        return Err(Error::invalid(
+            "rank",
+            format!("{rank} >= world size {world}"),
+        ));
     }
     let per = num_experts / world;
     Ok(rank * per..(rank + 1) * per)

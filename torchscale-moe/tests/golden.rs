@@ -62,7 +62,11 @@ fn moe_config(cfg: &Value) -> MoeConfig {
             .as_bool()
             .unwrap(),
         gating_use_fp32: get("moe_gating_use_fp32").as_bool().unwrap(),
-        activation: get("activation_fn").as_str().unwrap().parse::<Activation>().unwrap(),
+        activation: get("activation_fn")
+            .as_str()
+            .unwrap()
+            .parse::<Activation>()
+            .unwrap(),
         activation_dropout: get("activation_dropout").as_f64().unwrap(),
         dropout: get("dropout").as_f64().unwrap(),
         inner_norm: get("subln").as_bool().unwrap(),
@@ -88,11 +92,21 @@ fn modules(g: &Golden) -> Vec<String> {
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn ints(t: &Tensor) -> Vec<i64> {
-    t.flatten_all().unwrap().to_dtype(DType::I64).unwrap().to_vec1().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
@@ -135,23 +149,71 @@ fn check_case(case: &str) {
         let r = &out.routing;
         let (atol, rtol) = (5e-6, 1e-5);
 
-        assert_close(&what("layer_output"), &f32s(&out.output), &f32s(exp("layer_output")), atol, rtol);
-        assert_close(&what("gate_logits"), &f32s(&r.logits), &f32s(exp("gate_logits")), atol, rtol);
-        assert_close(&what("gate_probs"), &f32s(&r.probs), &f32s(exp("gate_probs")), atol, rtol);
-        let l_aux = out.balance_loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+        assert_close(
+            &what("layer_output"),
+            &f32s(&out.output),
+            &f32s(exp("layer_output")),
+            atol,
+            rtol,
+        );
+        assert_close(
+            &what("gate_logits"),
+            &f32s(&r.logits),
+            &f32s(exp("gate_logits")),
+            atol,
+            rtol,
+        );
+        assert_close(
+            &what("gate_probs"),
+            &f32s(&r.probs),
+            &f32s(exp("gate_probs")),
+            atol,
+            rtol,
+        );
+        let l_aux = out
+            .balance_loss
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let want = f32s(exp("l_aux"))[0];
-        assert!((l_aux - want).abs() <= 1e-5 * want.abs(), "{}: {l_aux} vs {want}", what("l_aux"));
+        assert!(
+            (l_aux - want).abs() <= 1e-5 * want.abs(),
+            "{}: {l_aux} vs {want}",
+            what("l_aux")
+        );
 
         // Discrete decisions, exactly.
         let top1: Vec<i64> = (0..s).map(|t| r.expert[t * r.k] as i64).collect();
         assert_eq!(top1, ints(exp("top1_expert")), "{}", what("top1_expert"));
         let cand: Vec<i64> = r.runner_up.iter().map(|&e| e as i64).collect();
-        assert_eq!(cand, ints(exp("top2_candidate")), "{}", what("top2_candidate"));
+        assert_eq!(
+            cand,
+            ints(exp("top2_candidate")),
+            "{}",
+            what("top2_candidate")
+        );
         if r.k == 2 {
             let second: Vec<i64> = (0..s).map(|t| r.expert[t * 2 + 1] as i64).collect();
-            assert_eq!(second, cand, "{}: random policy has no noise", what("second"));
-            let sampled: Vec<i64> = r.sampled.clone().unwrap().iter().map(|&b| b as i64).collect();
-            assert_eq!(sampled, ints(exp("second_sampled")), "{}", what("second_sampled"));
+            assert_eq!(
+                second,
+                cand,
+                "{}: random policy has no noise",
+                what("second")
+            );
+            let sampled: Vec<i64> = r
+                .sampled
+                .clone()
+                .unwrap()
+                .iter()
+                .map(|&b| b as i64)
+                .collect();
+            assert_eq!(
+                sampled,
+                ints(exp("second_sampled")),
+                "{}",
+                what("second_sampled")
+            );
         }
 
         // Dense [S, E, cap] views rebuilt from the indices.
@@ -173,10 +235,16 @@ fn check_case(case: &str) {
         let meta = &g.moe_meta[&m];
         let n = |k: &str| meta[k].as_u64().unwrap() as usize;
         assert_eq!(out.stats.capacity, n("capacity"));
-        assert_eq!(out.stats.dropped_first, n("first_choice_dropped_by_capacity"));
+        assert_eq!(
+            out.stats.dropped_first,
+            n("first_choice_dropped_by_capacity")
+        );
         assert_eq!(out.stats.tokens_without_expert, n("tokens_with_no_expert"));
         if r.k == 2 {
-            assert_eq!(out.stats.dropped_second, n("second_choice_dropped_by_capacity"));
+            assert_eq!(
+                out.stats.dropped_second,
+                n("second_choice_dropped_by_capacity")
+            );
             let kept_by_policy = r.sampled.as_ref().unwrap().iter().filter(|&&b| b).count();
             assert_eq!(kept_by_policy, n("second_choice_kept_by_random_policy"));
         }
@@ -185,7 +253,13 @@ fn check_case(case: &str) {
 
         // The torchscale-style dense path gives the same output.
         let dense = layer.dense_onehot_forward(&x, &opts).unwrap();
-        assert_close(&what("dense layer_output"), &f32s(&dense.output), &f32s(exp("layer_output")), atol, rtol);
+        assert_close(
+            &what("dense layer_output"),
+            &f32s(&dense.output),
+            &f32s(exp("layer_output")),
+            atol,
+            rtol,
+        );
     }
 }
 
@@ -216,7 +290,10 @@ fn forward_ctx_token_order() {
             let want = &g.tensors[&format!("expect.moe.{m}.layer_output")];
             // The stack hands over [B, T, C].
             let (x, want) = if time_major {
-                (input.transpose(0, 1).unwrap(), want.transpose(0, 1).unwrap())
+                (
+                    input.transpose(0, 1).unwrap(),
+                    want.transpose(0, 1).unwrap(),
+                )
             } else {
                 (input.clone(), want.clone())
             };
@@ -228,7 +305,13 @@ fn forward_ctx_token_order() {
             };
             let y = layer.forward_ctx(&x, &mut ctx, 7).unwrap();
             assert_eq!(y.dims(), x.dims());
-            assert_close(&format!("{case} {m} ctx"), &f32s(&y), &f32s(&want), 5e-6, 1e-5);
+            assert_close(
+                &format!("{case} {m} ctx"),
+                &f32s(&y),
+                &f32s(&want),
+                5e-6,
+                1e-5,
+            );
             assert_eq!(ctx.aux.len(), 1);
             assert_eq!(ctx.aux[0].layer, 7);
             let l = ctx.aux[0].balance_loss.to_scalar::<f32>().unwrap();
@@ -241,7 +324,14 @@ fn forward_ctx_token_order() {
                 ..Default::default()
             };
             let y2 = layer.forward_ctx(&x, &mut wrong, 7).unwrap();
-            let diff = (y2 - &y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (y2 - &y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff > 1e-3, "{case} {m}: token order made no difference");
         }
     }
@@ -261,7 +351,13 @@ fn router_trait_matches_layer_routing() {
     // Wrong uniform length is a typed error naming the input.
     let bad = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
     let err = router
-        .route(&x, &RouteOptions { uniform: Some(&bad), ..Default::default() })
+        .route(
+            &x,
+            &RouteOptions {
+                uniform: Some(&bad),
+                ..Default::default()
+            },
+        )
         .unwrap_err();
     assert!(err.to_string().contains("uniform"), "{err}");
     let err = router

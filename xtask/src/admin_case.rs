@@ -7,7 +7,9 @@ use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use torchscale_admin::{Omega, OmegaResidual};
-use torchscale_core::attention::{AttentionConfig, AttentionGains, AttentionInputs, MultiheadAttention};
+use torchscale_core::attention::{
+    AttentionConfig, AttentionGains, AttentionInputs, MultiheadAttention,
+};
 use torchscale_core::ffn::{FeedForward, FfnConfig};
 use torchscale_core::layer_norm::LayerNorm;
 use torchscale_core::{Multiway, Residual};
@@ -40,7 +42,10 @@ pub fn run(f: &GoldenFile, cfg: &EncoderConfig) -> Result<HashMap<String, Tensor
                 layernorm_eps: cfg.layernorm_eps,
             };
             let attn = MultiheadAttention::new(acfg, AttentionGains::default(), sub)?;
-            let inputs = AttentionInputs { key_padding_mask: Some(mask), ..Default::default() };
+            let inputs = AttentionInputs {
+                key_padding_mask: Some(mask),
+                ..Default::default()
+            };
             attn.forward(&x, &x, &inputs, None)?
         } else {
             let fcfg = FfnConfig {

@@ -20,7 +20,11 @@ impl GoldenFile {
     /// Reads a file.
     pub fn load(path: &Path) -> Result<Self> {
         let (tensors, meta) = torchscale_models::checkpoint::read_safetensors(path)?;
-        Ok(Self { path: path.to_path_buf(), meta, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            meta,
+            tensors,
+        })
     }
 
     /// The case kind (from the metadata, never from the file name).
@@ -30,18 +34,26 @@ impl GoldenFile {
 
     /// A metadata field parsed as JSON.
     pub fn json(&self, field: &str) -> Result<serde_json::Value> {
-        let s = self.meta.get(field).ok_or_else(|| anyhow!("metadata has no `{field}`"))?;
+        let s = self
+            .meta
+            .get(field)
+            .ok_or_else(|| anyhow!("metadata has no `{field}`"))?;
         serde_json::from_str(s).with_context(|| format!("metadata `{field}` is not JSON"))
     }
 
     /// The first word of a metadata field (e.g. `config_class`).
     pub fn word(&self, field: &str) -> &str {
-        self.meta.get(field).and_then(|s| s.split_whitespace().next()).unwrap_or("")
+        self.meta
+            .get(field)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or("")
     }
 
     /// A tensor by key.
     pub fn get(&self, key: &str) -> Result<&Tensor> {
-        self.tensors.get(key).ok_or_else(|| anyhow!("file has no tensor `{key}`"))
+        self.tensors
+            .get(key)
+            .ok_or_else(|| anyhow!("file has no tensor `{key}`"))
     }
 
     /// The model parameters and buffers: keys without `input.`, `expect.`, `grad.`, `grad_laux.`.
@@ -49,20 +61,30 @@ impl GoldenFile {
         self.tensors
             .iter()
             .filter(|(k, _)| !is_data_key(k))
-            .filter_map(|(k, v)| k.strip_prefix(strip_prefix).map(|k| (k.to_string(), v.clone())))
+            .filter_map(|(k, v)| {
+                k.strip_prefix(strip_prefix)
+                    .map(|k| (k.to_string(), v.clone()))
+            })
             .collect()
     }
 
     /// Keys starting with `prefix`, sorted.
     pub fn keys_with(&self, prefix: &str) -> Vec<String> {
-        let mut v: Vec<_> = self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        let mut v: Vec<_> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
         v.sort();
         v
     }
 }
 
 fn is_data_key(k: &str) -> bool {
-    ["input.", "expect.", "grad.", "grad_laux."].iter().any(|p| k.starts_with(p))
+    ["input.", "expect.", "grad.", "grad_laux."]
+        .iter()
+        .any(|p| k.starts_with(p))
 }
 
 /// `|got - want| <= atol + rtol * |want|`, element-wise.
@@ -76,18 +98,33 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// FORMAT.md's strict forward tolerance.
-    pub const STRICT_FORWARD: Tolerance = Tolerance { atol: 5e-6, rtol: 1e-5 };
+    pub const STRICT_FORWARD: Tolerance = Tolerance {
+        atol: 5e-6,
+        rtol: 1e-5,
+    };
     /// FORMAT.md's default forward tolerance.
-    pub const DEFAULT_FORWARD: Tolerance = Tolerance { atol: 1e-4, rtol: 1e-4 };
+    pub const DEFAULT_FORWARD: Tolerance = Tolerance {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
     /// Scalars (losses, l_aux, norms).
-    pub const SCALAR: Tolerance = Tolerance { atol: 0.0, rtol: 1e-5 };
+    pub const SCALAR: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 1e-5,
+    };
     /// FORMAT.md's strict gradient tolerance for a file whose largest gradient is `g`.
     pub fn strict_grad(g: f64) -> Tolerance {
-        Tolerance { atol: 2e-6 * g.max(1.0), rtol: 1e-4 }
+        Tolerance {
+            atol: 2e-6 * g.max(1.0),
+            rtol: 1e-4,
+        }
     }
     /// FORMAT.md's default gradient tolerance.
     pub fn default_grad(g: f64) -> Tolerance {
-        Tolerance { atol: 1e-4 * g.max(1.0), rtol: 1e-3 }
+        Tolerance {
+            atol: 1e-4 * g.max(1.0),
+            rtol: 1e-3,
+        }
     }
 }
 
@@ -114,7 +151,11 @@ pub fn compare(key: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Result
             max_abs: f64::INFINITY,
             max_rel: f64::INFINITY,
             pass: false,
-            note: Some(format!("shape {:?} != expected {:?}", got.dims(), want.dims())),
+            note: Some(format!(
+                "shape {:?} != expected {:?}",
+                got.dims(),
+                want.dims()
+            )),
         });
     }
     let g: Vec<f64> = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
@@ -137,12 +178,26 @@ pub fn compare(key: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Result
             pass = false;
         }
     }
-    Ok(Comparison { key: key.into(), max_abs, max_rel, pass, note })
+    Ok(Comparison {
+        key: key.into(),
+        max_abs,
+        max_rel,
+        pass,
+        note,
+    })
 }
 
 /// Compares integer / mask tensors exactly.
 pub fn compare_exact(key: &str, got: &Tensor, want: &Tensor) -> Result<Comparison> {
-    let mut c = compare(key, got, want, Tolerance { atol: 0.0, rtol: 0.0 })?;
+    let mut c = compare(
+        key,
+        got,
+        want,
+        Tolerance {
+            atol: 0.0,
+            rtol: 0.0,
+        },
+    )?;
     if !c.pass && c.note.is_none() {
         c.note = Some("integer outputs differ".into());
     }

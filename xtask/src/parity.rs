@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
 use torchscale_core::init::ParamStore;
-use torchscale_core::Branch;
+use torchscale_core::{AuxOutput, Branch};
 use torchscale_models::build::BuildOptions;
 use torchscale_models::checkpoint::load_into;
 use torchscale_models::config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig};
@@ -14,7 +14,7 @@ use torchscale_models::decoder::{Decoder, DecoderInputs, IncrementalState};
 use torchscale_models::encoder::{Encoder, EncoderInputs};
 use torchscale_models::encoder_decoder::EncoderDecoder;
 
-use crate::golden::{compare, Comparison, GoldenFile, Tolerance};
+use crate::golden::{compare, compare_exact, Comparison, GoldenFile, Tolerance};
 
 /// Which tolerances of FORMAT.md section 6 to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +79,10 @@ impl FileReport {
             s.push_str(&format!("  error: {e}"));
         }
         for c in self.comparisons.iter().filter(|c| !c.pass) {
-            s.push_str(&format!("\n    {}: max_abs={:.3e} max_rel={:.3e}", c.key, c.max_abs, c.max_rel));
+            s.push_str(&format!(
+                "\n    {}: max_abs={:.3e} max_rel={:.3e}",
+                c.key, c.max_abs, c.max_rel
+            ));
             if let Some(n) = &c.note {
                 s.push_str(&format!(" ({n})"));
             }
@@ -90,7 +93,13 @@ impl FileReport {
 
 /// Runs one file.
 pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
-    let mut report = FileReport { path: path.to_path_buf(), kind: "?".into(), status: Status::Fail, comparisons: vec![], error: None };
+    let mut report = FileReport {
+        path: path.to_path_buf(),
+        kind: "?".into(),
+        status: Status::Fail,
+        comparisons: vec![],
+        error: None,
+    };
     let f = match GoldenFile::load(path) {
         Ok(f) => f,
         Err(e) => {
@@ -111,7 +120,14 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
         Ok(got) => {
             for key in f.keys_with("expect.") {
                 let want = &f.tensors[&key];
+                let exact = matches!(want.dtype(), DType::U8 | DType::U32 | DType::I64);
+                let scalar = want.elem_count() == 1 && key.contains("l_aux");
                 let c = match got.get(&key) {
+                    Some(g) if exact => g
+                        .to_dtype(DType::I64)
+                        .map_err(Into::into)
+                        .and_then(|g| compare_exact(&key, &g, &want.to_dtype(DType::I64)?)),
+                    Some(g) if scalar => compare(&key, g, want, Tolerance::SCALAR),
                     Some(g) => compare(&key, g, want, tol),
                     None => Ok(Comparison {
                         key: key.clone(),
@@ -126,7 +142,9 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
                     Err(e) => report.error = Some(format!("{key}: {e:#}")),
                 }
             }
-            let ok = report.error.is_none() && !report.comparisons.is_empty() && report.comparisons.iter().all(|c| c.pass);
+            let ok = report.error.is_none()
+                && !report.comparisons.is_empty()
+                && report.comparisons.iter().all(|c| c.pass);
             report.status = if ok { Status::Pass } else { Status::Fail };
         }
         Err(e) => report.error = Some(format!("{e:#}")),
@@ -142,19 +160,14 @@ fn skip_reason(f: &GoldenFile) -> Option<String> {
     if kind.contains("sparse_clip") || f.tensors.keys().any(|k| k.starts_with("input.grad.")) {
         return Some("SparseClip: issue #4".into());
     }
-    let moe = f
-        .json("config")
-        .ok()
-        .and_then(|c| c.get("moe_freq").and_then(|v| v.as_u64()))
-        .unwrap_or(0);
-    if moe > 0 {
-        return Some("MoE layers: issue #3".into());
-    }
     None
 }
 
 fn run(f: &GoldenFile) -> Result<HashMap<String, Tensor>> {
-    let config = f.meta.get("config").ok_or_else(|| anyhow!("metadata has no config"))?;
+    let config = f
+        .meta
+        .get("config")
+        .ok_or_else(|| anyhow!("metadata has no config"))?;
     match f.word("model_class") {
         "Encoder" => run_encoder(f, &EncoderConfig::from_json_str(config)?),
         "Decoder" => run_decoder(f, &DecoderConfig::from_json_str(config)?),
@@ -171,7 +184,12 @@ fn new_store() -> (ParamStore, candle_nn::VarBuilder<'static>) {
 }
 
 fn opts(f: &GoldenFile, prefix: &str) -> BuildOptions {
-    BuildOptions { learned_positions: Some(f.tensors.contains_key(&format!("{prefix}embed_positions.weight"))) }
+    BuildOptions {
+        learned_positions: Some(
+            f.tensors
+                .contains_key(&format!("{prefix}embed_positions.weight")),
+        ),
+    }
 }
 
 fn states(out: &mut HashMap<String, Tensor>, name: &str, v: &[Tensor]) {
@@ -186,17 +204,35 @@ fn run_encoder(f: &GoldenFile, cfg: &EncoderConfig) -> Result<HashMap<String, Te
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
     let src = f.get("input.src_tokens")?;
     let mask = f.tensors.get("input.encoder_padding_mask");
-    let branch = match f.json("setup")?.get("multiway_split_position").and_then(|v| v.as_i64()) {
+    let branch = match f
+        .json("setup")?
+        .get("multiway_split_position")
+        .and_then(|v| v.as_i64())
+    {
         Some(p) => Branch::from_split_position(p)?,
         None => Branch::A,
     };
-    let inp = EncoderInputs { padding_mask: mask, return_all_hiddens: true, branch, ..Default::default() };
+    let moe_uniforms = uniforms(f, "", cfg.encoder_layers);
+    let inp = EncoderInputs {
+        padding_mask: mask,
+        return_all_hiddens: true,
+        branch,
+        moe_uniforms,
+        ..Default::default()
+    };
     let o = model.forward(src, &inp)?;
     let mut out = HashMap::new();
+    moe_outputs(f, &mut out, &o.aux, "")?;
     out.insert("expect.encoder_out".into(), o.encoder_out);
     out.insert("expect.encoder_embedding".into(), o.encoder_embedding);
     states(&mut out, "encoder_states", &o.encoder_states);
-    let feats = model.forward(src, &EncoderInputs { features_only: true, ..inp })?;
+    let feats = model.forward(
+        src,
+        &EncoderInputs {
+            features_only: true,
+            ..inp
+        },
+    )?;
     out.insert("expect.features".into(), feats.encoder_out);
     Ok(out)
 }
@@ -206,18 +242,41 @@ fn run_decoder(f: &GoldenFile, cfg: &DecoderConfig) -> Result<HashMap<String, Te
     let model = Decoder::new(cfg, &opts(f, ""), vb)?;
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
     let tokens = f.get("input.prev_output_tokens")?;
-    let o = model.forward(tokens, &DecoderInputs::default())?;
+    let moe_uniforms = uniforms(f, "", cfg.decoder_layers);
+    let o = model.forward(
+        tokens,
+        &DecoderInputs {
+            moe_uniforms: moe_uniforms.clone(),
+            ..Default::default()
+        },
+    )?;
     let mut out = HashMap::new();
+    moe_outputs(f, &mut out, &o.aux, "")?;
     out.insert("expect.logits".into(), o.x);
     states(&mut out, "inner_states", &o.inner_states);
-    let feats = model.forward(tokens, &DecoderInputs { features_only: true, ..Default::default() })?;
+    let feats = model.forward(
+        tokens,
+        &DecoderInputs {
+            features_only: true,
+            moe_uniforms,
+            ..Default::default()
+        },
+    )?;
     out.insert("expect.features".into(), feats.x);
     if f.tensors.contains_key("expect.incremental_logits") {
         let t = tokens.dim(1)?;
         let mut state = IncrementalState::new(false);
         let mut steps = Vec::with_capacity(t);
         for i in 1..=t {
-            steps.push(model.forward_incremental(&tokens.narrow(1, 0, i)?, &DecoderInputs::default(), &mut state)?.x);
+            steps.push(
+                model
+                    .forward_incremental(
+                        &tokens.narrow(1, 0, i)?,
+                        &DecoderInputs::default(),
+                        &mut state,
+                    )?
+                    .x,
+            );
         }
         out.insert("expect.incremental_logits".into(), Tensor::cat(&steps, 1)?);
         for (l, c) in state.layers.iter().enumerate() {
@@ -235,16 +294,108 @@ fn run_decoder(f: &GoldenFile, cfg: &DecoderConfig) -> Result<HashMap<String, Te
             .and_then(|v| v.as_u64())
             .ok_or_else(|| anyhow!("setup has no prompt_len"))? as usize;
         let mut state = IncrementalState::new(true);
-        let mut parts = vec![model.forward_incremental(&tokens.narrow(1, 0, p)?, &DecoderInputs::default(), &mut state)?.x];
+        let mut parts = vec![
+            model
+                .forward_incremental(
+                    &tokens.narrow(1, 0, p)?,
+                    &DecoderInputs::default(),
+                    &mut state,
+                )?
+                .x,
+        ];
         for i in p + 1..=t {
-            parts.push(model.forward_incremental(&tokens.narrow(1, 0, i)?, &DecoderInputs::default(), &mut state)?.x);
+            parts.push(
+                model
+                    .forward_incremental(
+                        &tokens.narrow(1, 0, i)?,
+                        &DecoderInputs::default(),
+                        &mut state,
+                    )?
+                    .x,
+            );
         }
-        out.insert("expect.prompt_then_step_logits".into(), Tensor::cat(&parts, 1)?);
+        out.insert(
+            "expect.prompt_then_step_logits".into(),
+            Tensor::cat(&parts, 1)?,
+        );
     }
     Ok(out)
 }
 
-fn run_encoder_decoder(f: &GoldenFile, cfg: &EncoderDecoderConfig) -> Result<HashMap<String, Tensor>> {
+/// The stored random-policy draws of each layer (`input.moe_uniform.<prefix>layers.<i>.moe_layer`).
+fn uniforms(f: &GoldenFile, prefix: &str, layers: usize) -> Vec<Option<Tensor>> {
+    (0..layers)
+        .map(|i| {
+            f.tensors
+                .get(&format!("input.moe_uniform.{prefix}layers.{i}.moe_layer"))
+                .cloned()
+        })
+        .collect()
+}
+
+/// The per-layer MoE results under the keys torchscale's hooks used.
+fn moe_outputs(
+    f: &GoldenFile,
+    out: &mut HashMap<String, Tensor>,
+    aux: &[AuxOutput],
+    prefix: &str,
+) -> Result<()> {
+    for a in aux {
+        let i = a.layer;
+        let m = format!("expect.moe.{prefix}layers.{i}.moe_layer");
+        let l_aux = a.balance_loss.reshape(1)?;
+        out.insert(format!("expect.l_aux.{i}"), l_aux.clone());
+        out.insert(format!("{m}.l_aux"), l_aux);
+        if let (Some(x), Some(y)) = (&a.input, &a.output) {
+            // torchscale recorded the layer's 3-D input; ours is the same rows flattened.
+            for (key, t) in [("layer_input", x), ("layer_output", y)] {
+                let k = format!("{m}.{key}");
+                let t = match f.tensors.get(&k) {
+                    Some(w) => t.reshape(w.dims())?,
+                    None => t.clone(),
+                };
+                out.insert(k, t);
+            }
+        }
+        let Some(r) = &a.routing else { continue };
+        out.insert(format!("{m}.gate_logits"), r.logits.clone());
+        out.insert(format!("{m}.gate_probs"), r.probs.clone());
+        let s = r.num_tokens();
+        let dev = &Device::Cpu;
+        let top1: Vec<i64> = (0..s).map(|t| r.expert[t * r.k] as i64).collect();
+        out.insert(format!("{m}.top1_expert"), Tensor::from_vec(top1, s, dev)?);
+        let cand: Vec<i64> = r.runner_up.iter().map(|&e| e as i64).collect();
+        out.insert(
+            format!("{m}.top2_candidate"),
+            Tensor::from_vec(cand, s, dev)?,
+        );
+        if let Some(sampled) = &r.sampled {
+            let v: Vec<u8> = sampled.iter().map(|&b| b as u8).collect();
+            out.insert(format!("{m}.second_sampled"), Tensor::from_vec(v, s, dev)?);
+        }
+        let (e, cap) = (r.num_experts, r.capacity);
+        let gate: Vec<f32> = r.gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut combine = vec![0f32; s * e * cap];
+        for (t, j, ex, slot) in r.kept_choices() {
+            combine[(t * e + ex) * cap + slot] = gate[t * r.k + j];
+        }
+        let mask: Vec<u8> = combine.iter().map(|&w| (w != 0.0) as u8).collect();
+        out.insert(
+            format!("{m}.combine_weights"),
+            Tensor::from_vec(combine, (s, e, cap), dev)?,
+        );
+        out.insert(
+            format!("{m}.dispatch_mask"),
+            Tensor::from_vec(mask, (s, e, cap), dev)?,
+        );
+    }
+    Ok(())
+}
+
+fn run_encoder_decoder(
+    f: &GoldenFile,
+    cfg: &EncoderDecoderConfig,
+) -> Result<HashMap<String, Tensor>> {
     let (store, vb) = new_store();
     let model = EncoderDecoder::new(cfg, &opts(f, "encoder."), vb)?;
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
@@ -257,7 +408,10 @@ fn run_encoder_decoder(f: &GoldenFile, cfg: &EncoderDecoderConfig) -> Result<Has
     states(&mut out, "encoder_states", &enc.encoder_states);
     out.insert("expect.logits".into(), dec.x);
     states(&mut out, "decoder_inner_states", &dec.inner_states);
-    out.insert("expect.logits_forward_without_mask".into(), model.forward_torchscale(src, prev)?.x);
+    out.insert(
+        "expect.logits_forward_without_mask".into(),
+        model.forward_torchscale(src, prev)?.x,
+    );
     Ok(out)
 }
 

@@ -25,10 +25,13 @@ const DENSE: &[&str] = &[
     "encoder_decoder_subln",
     "encoder_decoder_deepnorm",
     "admin_residual",
+    "decoder_moe_top1",
+    "decoder_moe_top2",
+    "encoder_moe_top2",
 ];
 
 #[test]
-fn dense_golden_files_pass_strict() {
+fn dense_and_moe_golden_files_pass_strict() {
     let files = xtask::golden::collect_files(&[golden_dir()]).unwrap();
     let mut seen = Vec::new();
     for f in &files {
@@ -42,7 +45,10 @@ fn dense_golden_files_pass_strict() {
         }
     }
     for k in DENSE {
-        assert!(seen.iter().any(|s| s == k), "golden file of kind {k} not found");
+        assert!(
+            seen.iter().any(|s| s == k),
+            "golden file of kind {k} not found"
+        );
     }
 }
 

@@ -20,7 +20,11 @@ impl GradAccumulator {
     /// An empty accumulator for `params`.
     pub fn new(params: Vec<Var>) -> Self {
         let sums = vec![None; params.len()];
-        Self { params, sums, count: 0 }
+        Self {
+            params,
+            sums,
+            count: 0,
+        }
     }
 
     /// Adds one micro-batch's gradients.
@@ -48,7 +52,11 @@ impl GradAccumulator {
         let mut out = GradStore::default();
         for (p, sum) in self.params.iter().zip(self.sums.iter_mut()) {
             if let Some(s) = sum.take() {
-                let s = if scale == 1.0 { s } else { s.affine(scale, 0.0)? };
+                let s = if scale == 1.0 {
+                    s
+                } else {
+                    s.affine(scale, 0.0)?
+                };
                 out.insert(p, s);
             }
         }
@@ -59,7 +67,10 @@ impl GradAccumulator {
     /// The mean gradient over the micro-batches (the sum times `1 / count`).
     pub fn finish_mean(&mut self) -> Result<GradStore> {
         if self.count == 0 {
-            return Err(Error::invalid("GradAccumulator", "no micro-batch was added"));
+            return Err(Error::invalid(
+                "GradAccumulator",
+                "no micro-batch was added",
+            ));
         }
         self.finish_scaled(1.0 / self.count as f64)
     }
@@ -77,11 +88,17 @@ mod tests {
         let b = Var::zeros(1, DType::F32, &dev).unwrap();
         let mut acc = GradAccumulator::new(vec![a.clone(), b.clone()]);
         // Batch 1: d/da = [1, 2], d/db = [4]; batch 2: d/da = [3, 6], b unused.
-        let l1 = ((a.as_tensor() * Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap().sum_all().unwrap()
+        let l1 = ((a.as_tensor() * Tensor::new(&[1f32, 2.0], &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
             + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
         .unwrap();
         acc.add(&l1.backward().unwrap()).unwrap();
-        let l2 = (a.as_tensor() * Tensor::new(&[3f32, 6.0], &dev).unwrap()).unwrap().sum_all().unwrap();
+        let l2 = (a.as_tensor() * Tensor::new(&[3f32, 6.0], &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
         acc.add(&l2.backward().unwrap()).unwrap();
         assert_eq!(acc.count(), 2);
         let g = acc.finish_mean().unwrap();

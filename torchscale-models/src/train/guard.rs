@@ -60,7 +60,7 @@ pub fn check_grads(grads: &GradStore, params: &[(String, Var)]) -> Result<Option
             // x - x is exactly 0 for finite x and NaN for NaN or ±inf, so the sum is 0 iff all are
             // finite (a plain sum could overflow to inf on large finite values).
             let g = g.to_dtype(DType::F32)?;
-            flags.push((&g - &g)?.sum_all()?.reshape(1)?);
+            flags.push(g.sub(&g)?.sum_all()?.reshape(1)?);
             names.push(name);
         }
     }
@@ -71,11 +71,17 @@ pub fn check_grads(grads: &GradStore, params: &[(String, Var)]) -> Result<Option
     Ok(flags
         .iter()
         .position(|x| !x.is_finite() || *x != 0.0)
-        .map(|i| SkipReason::Grad { name: names[i].clone() }))
+        .map(|i| SkipReason::Grad {
+            name: names[i].clone(),
+        }))
 }
 
 /// Loss first, then gradients: the reason to skip this step, if any.
-pub fn check_step(loss: &Tensor, grads: &GradStore, params: &[(String, Var)]) -> Result<Option<SkipReason>> {
+pub fn check_step(
+    loss: &Tensor,
+    grads: &GradStore,
+    params: &[(String, Var)],
+) -> Result<Option<SkipReason>> {
     match check_loss(loss)? {
         Some(r) => Ok(Some(r)),
         None => check_grads(grads, params),
@@ -94,7 +100,11 @@ pub struct StepGuard {
 impl StepGuard {
     /// A guard that fails after `max_consecutive` skips in a row.
     pub fn new(max_consecutive: usize) -> Self {
-        Self { max_consecutive, consecutive: 0, total: 0 }
+        Self {
+            max_consecutive,
+            consecutive: 0,
+            total: 0,
+        }
     }
 
     /// Records a step's verdict; `Err(Error::NonFinite)` once more than `max_consecutive` steps in
@@ -127,8 +137,15 @@ mod tests {
 
     fn grads_of(vals: &[(&str, Vec<f32>)]) -> (Vec<(String, Var)>, GradStore) {
         let dev = Device::Cpu;
-        let params: Vec<(String, Var)> =
-            vals.iter().map(|(n, v)| (n.to_string(), Var::zeros(v.len(), DType::F32, &dev).unwrap())).collect();
+        let params: Vec<(String, Var)> = vals
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    Var::zeros(v.len(), DType::F32, &dev).unwrap(),
+                )
+            })
+            .collect();
         let mut loss = Tensor::new(0f32, &dev).unwrap();
         for ((_, v), (_, g)) in params.iter().zip(vals) {
             let g = Tensor::new(g.as_slice(), &dev).unwrap();
@@ -140,10 +157,20 @@ mod tests {
 
     #[test]
     fn flags_nan_and_inf_gradients_by_name() {
-        let (p, g) = grads_of(&[("a", vec![1.0, 2.0]), ("b", vec![3.0e38, f32::NAN]), ("c", vec![f32::INFINITY])]);
-        assert_eq!(check_grads(&g, &p).unwrap(), Some(SkipReason::Grad { name: "b".into() }));
+        let (p, g) = grads_of(&[
+            ("a", vec![1.0, 2.0]),
+            ("b", vec![3.0e38, f32::NAN]),
+            ("c", vec![f32::INFINITY]),
+        ]);
+        assert_eq!(
+            check_grads(&g, &p).unwrap(),
+            Some(SkipReason::Grad { name: "b".into() })
+        );
         let (p, g) = grads_of(&[("a", vec![3.0e38, 3.0e38]), ("c", vec![f32::NEG_INFINITY])]);
-        assert_eq!(check_grads(&g, &p).unwrap(), Some(SkipReason::Grad { name: "c".into() }));
+        assert_eq!(
+            check_grads(&g, &p).unwrap(),
+            Some(SkipReason::Grad { name: "c".into() })
+        );
         let (p, g) = grads_of(&[("a", vec![3.0e38, 3.0e38, -1.0])]);
         assert_eq!(check_grads(&g, &p).unwrap(), None);
     }
@@ -153,11 +180,21 @@ mod tests {
         let dev = Device::Cpu;
         let r = check_loss(&Tensor::new(f32::NAN, &dev).unwrap()).unwrap();
         assert!(matches!(r, Some(SkipReason::Loss { value }) if value.is_nan()));
-        assert_eq!(check_loss(&Tensor::new(&[2.5f32], &dev).unwrap()).unwrap(), None);
-        assert_eq!(check_grad_norm(f64::INFINITY), Some(SkipReason::GradNorm { value: f64::INFINITY }));
+        assert_eq!(
+            check_loss(&Tensor::new(&[2.5f32], &dev).unwrap()).unwrap(),
+            None
+        );
+        assert_eq!(
+            check_grad_norm(f64::INFINITY),
+            Some(SkipReason::GradNorm {
+                value: f64::INFINITY
+            })
+        );
         assert_eq!(check_grad_norm(3.0), None);
         let (p, g) = grads_of(&[("w", vec![f32::NAN])]);
-        let r = check_step(&Tensor::new(1f32, &dev).unwrap(), &g, &p).unwrap().unwrap();
+        let r = check_step(&Tensor::new(1f32, &dev).unwrap(), &g, &p)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.to_string(), "non-finite gradient of `w`");
     }
 
@@ -169,7 +206,10 @@ mod tests {
         assert!(!guard.record(None).unwrap());
         assert!(guard.record(Some(&nan)).unwrap());
         assert!(guard.record(Some(&nan)).unwrap());
-        assert!(matches!(guard.record(Some(&nan)), Err(Error::NonFinite { .. })));
+        assert!(matches!(
+            guard.record(Some(&nan)),
+            Err(Error::NonFinite { .. })
+        ));
         assert_eq!(guard.skipped(), 4);
     }
 }

@@ -34,13 +34,23 @@ pub fn label_smoothed_cross_entropy(
         _ => return Err(Error::shape("logits", "[..., V] with V > 0", dims)),
     };
     if target.dims() != lead {
-        return Err(Error::shape("target", format!("{lead:?} (the leading dims of logits)"), target.dims()));
+        return Err(Error::shape(
+            "target",
+            format!("{lead:?} (the leading dims of logits)"),
+            target.dims(),
+        ));
     }
     if !(0.0..1.0).contains(&epsilon) {
-        return Err(Error::config("label_smoothing", format!("must be in [0, 1), got {epsilon}")));
+        return Err(Error::config(
+            "label_smoothing",
+            format!("must be in [0, 1), got {epsilon}"),
+        ));
     }
     if v == 1 && epsilon > 0.0 {
-        return Err(Error::config("label_smoothing", "needs a vocabulary of at least 2 classes"));
+        return Err(Error::config(
+            "label_smoothing",
+            "needs a vocabulary of at least 2 classes",
+        ));
     }
     let targets = target_values(target)?;
     let n = targets.len();
@@ -55,19 +65,31 @@ pub fn label_smoothed_cross_entropy(
             mask.push(1.0);
             safe.push(t as u32);
         } else {
-            return Err(Error::invalid("target", format!("token {i} has class {t}, outside 0..{v}")));
+            return Err(Error::invalid(
+                "target",
+                format!("token {i} has class {t}, outside 0..{v}"),
+            ));
         }
     }
     let dev = logits.device();
     let mask = Tensor::from_vec(mask, n, dev)?;
     let safe = Tensor::from_vec(safe, (n, 1), dev)?;
-    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?.reshape((n, v))?, D::Minus1)?;
+    let lp =
+        candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?.reshape((n, v))?, D::Minus1)?;
     let nll = (lp.gather(&safe, 1)?.squeeze(1)?.neg()? * &mask)?.sum_all()?;
     let smooth = (lp.sum(1)?.neg()? * &mask)?.sum_all()?;
-    let eps_i = if epsilon > 0.0 { epsilon / (v - 1) as f64 } else { 0.0 };
+    let eps_i = if epsilon > 0.0 {
+        epsilon / (v - 1) as f64
+    } else {
+        0.0
+    };
     let loss = ((&nll * (1.0 - epsilon - eps_i))? + (smooth * eps_i)?)?;
     let ntokens = mask.sum_all()?.to_scalar::<f32>()? as usize;
-    Ok(SmoothedLoss { loss_sum: loss, nll_sum: nll, ntokens })
+    Ok(SmoothedLoss {
+        loss_sum: loss,
+        nll_sum: nll,
+        ntokens,
+    })
 }
 
 /// The target classes on the host, for validation and the padding mask.
@@ -77,7 +99,11 @@ fn target_values(target: &Tensor) -> Result<Vec<i64>> {
         DType::U32 => Ok(flat.to_vec1::<u32>()?.into_iter().map(i64::from).collect()),
         DType::I64 => Ok(flat.to_vec1::<i64>()?),
         DType::U8 => Ok(flat.to_vec1::<u8>()?.into_iter().map(i64::from).collect()),
-        got => Err(Error::DType { what: "target".into(), expected: DType::U32, got }),
+        got => Err(Error::DType {
+            what: "target".into(),
+            expected: DType::U32,
+            got,
+        }),
     }
 }
 
@@ -97,11 +123,19 @@ pub enum AuxCombine {
 /// fairseq's MoE criterion adds `weight * sample_size * gate_loss` to a *summed* token loss; a
 /// caller that uses [`SmoothedLoss::loss_sum`] multiplies the result by `ntokens` to match, one that
 /// uses a per-token mean adds it as is. Each entry must hold a single value (`l_aux` is a scalar).
-pub fn moe_balance_loss(aux_losses: &[Tensor], weight: f64, combine: AuxCombine) -> Result<Option<Tensor>> {
+pub fn moe_balance_loss(
+    aux_losses: &[Tensor],
+    weight: f64,
+    combine: AuxCombine,
+) -> Result<Option<Tensor>> {
     let mut total: Option<Tensor> = None;
     for (i, l) in aux_losses.iter().enumerate() {
         if l.elem_count() != 1 {
-            return Err(Error::shape(format!("aux_losses[{i}]"), "a scalar", l.dims()));
+            return Err(Error::shape(
+                format!("aux_losses[{i}]"),
+                "a scalar",
+                l.dims(),
+            ));
         }
         let l = l.to_dtype(DType::F32)?.sum_all()?;
         total = Some(match total {
@@ -131,7 +165,15 @@ mod tests {
     #[test]
     fn no_smoothing_is_cross_entropy() {
         let dev = Device::Cpu;
-        let logits = Tensor::new(&[[1.0f32, -2.0, 0.5, 3.0], [0.1, 0.2, -0.3, 0.0], [2.0, 2.0, -1.0, 0.0]], &dev).unwrap();
+        let logits = Tensor::new(
+            &[
+                [1.0f32, -2.0, 0.5, 3.0],
+                [0.1, 0.2, -0.3, 0.0],
+                [2.0, 2.0, -1.0, 0.0],
+            ],
+            &dev,
+        )
+        .unwrap();
         let target = Tensor::new(&[3u32, 0, 2], &dev).unwrap();
         let ce = scalar(&candle_nn::loss::cross_entropy(&logits, &target).unwrap());
         let out = label_smoothed_cross_entropy(&logits, &target, 0.0, None).unwrap();
@@ -155,7 +197,13 @@ mod tests {
         assert!((scalar(&out.nll_sum) - 3.0 * LN2).abs() < 1e-6);
         // The padding row gets no gradient, the others do.
         let g = out.loss_sum.backward().unwrap();
-        let g = g.get(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let g = g
+            .get(&logits)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert!(g[2].iter().all(|x| *x == 0.0));
         assert!(g[0].iter().chain(&g[1]).all(|x| *x != 0.0));
     }
@@ -164,11 +212,22 @@ mod tests {
     fn bad_inputs_are_typed_errors() {
         let dev = Device::Cpu;
         let logits = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-        let e = label_smoothed_cross_entropy(&logits, &Tensor::new(&[0u32, 3], &dev).unwrap(), 0.1, None);
+        let e = label_smoothed_cross_entropy(
+            &logits,
+            &Tensor::new(&[0u32, 3], &dev).unwrap(),
+            0.1,
+            None,
+        );
         assert!(e.unwrap_err().to_string().contains("target"));
-        let e = label_smoothed_cross_entropy(&logits, &Tensor::new(&[0u32], &dev).unwrap(), 0.1, None);
+        let e =
+            label_smoothed_cross_entropy(&logits, &Tensor::new(&[0u32], &dev).unwrap(), 0.1, None);
         assert!(matches!(e, Err(Error::Shape { .. })));
-        let e = label_smoothed_cross_entropy(&logits, &Tensor::new(&[0u32, 1], &dev).unwrap(), 1.5, None);
+        let e = label_smoothed_cross_entropy(
+            &logits,
+            &Tensor::new(&[0u32, 1], &dev).unwrap(),
+            1.5,
+            None,
+        );
         assert!(matches!(e, Err(Error::Config { .. })));
     }
 
@@ -178,12 +237,18 @@ mod tests {
         let a = Var::new(0.5f32, &dev).unwrap();
         let b = Tensor::new(&[1.5f32], &dev).unwrap();
         let losses = [a.as_tensor().clone(), b];
-        let s = moe_balance_loss(&losses, 0.01, AuxCombine::Sum).unwrap().unwrap();
+        let s = moe_balance_loss(&losses, 0.01, AuxCombine::Sum)
+            .unwrap()
+            .unwrap();
         assert!((scalar(&s) - 0.02).abs() < 1e-8);
-        let m = moe_balance_loss(&losses, 0.01, AuxCombine::Average).unwrap().unwrap();
+        let m = moe_balance_loss(&losses, 0.01, AuxCombine::Average)
+            .unwrap()
+            .unwrap();
         assert!((scalar(&m) - 0.01).abs() < 1e-8);
         let g = m.backward().unwrap();
         assert!((g.get(&a).unwrap().to_scalar::<f32>().unwrap() - 0.005).abs() < 1e-8);
-        assert!(moe_balance_loss(&[], 1.0, AuxCombine::Sum).unwrap().is_none());
+        assert!(moe_balance_loss(&[], 1.0, AuxCombine::Sum)
+            .unwrap()
+            .is_none());
     }
 }

@@ -24,24 +24,35 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            lr: 5e-4,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
 impl AdamWConfig {
     fn validate(&self) -> Result<()> {
+        // Written as positive checks so that NaN fails them too.
+        let non_negative = |field: &str, v: f64| {
+            if v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(field, format!("must be >= 0, got {v}")))
+            }
+        };
+        non_negative("lr", self.lr)?;
+        non_negative("adam_eps", self.eps)?;
+        non_negative("weight_decay", self.weight_decay)?;
         let unit = |v: f64| (0.0..1.0).contains(&v);
-        if !(self.lr >= 0.0) {
-            return Err(Error::config("lr", format!("must be >= 0, got {}", self.lr)));
-        }
         if !unit(self.beta1) || !unit(self.beta2) {
-            return Err(Error::config("adam_betas", format!("must be in [0, 1), got ({}, {})", self.beta1, self.beta2)));
-        }
-        if !(self.eps >= 0.0) {
-            return Err(Error::config("adam_eps", format!("must be >= 0, got {}", self.eps)));
-        }
-        if !(self.weight_decay >= 0.0) {
-            return Err(Error::config("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
+            return Err(Error::config(
+                "adam_betas",
+                format!("must be in [0, 1), got ({}, {})", self.beta1, self.beta2),
+            ));
         }
         Ok(())
     }
@@ -57,7 +68,9 @@ pub fn default_decay(name: &str, shape: &[usize]) -> bool {
     if shape.len() <= 1 || name.rsplit('.').next() == Some("bias") {
         return false;
     }
-    !name.split(['.', '_']).any(|t| t == "ln" || t.contains("norm"))
+    !name
+        .split(['.', '_'])
+        .any(|t| t == "ln" || t.contains("norm"))
 }
 
 /// One parameter with its moments (f32) and its own update count, as PyTorch keeps them.
@@ -110,15 +123,33 @@ impl AdamW {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var) in params {
             if !var.dtype().is_float() {
-                return Err(Error::DType { what: name, expected: DType::F32, got: var.dtype() });
+                return Err(Error::DType {
+                    what: name,
+                    expected: DType::F32,
+                    got: var.dtype(),
+                });
             }
             if !names.insert(name.clone()) {
-                return Err(Error::invalid("params", format!("parameter `{name}` is listed twice")));
+                return Err(Error::invalid(
+                    "params",
+                    format!("parameter `{name}` is listed twice"),
+                ));
             }
             let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            slots.push(Slot { decay: decay(&name, &var), name, var, exp_avg: zeros.clone(), exp_avg_sq: zeros, step: 0 });
+            slots.push(Slot {
+                decay: decay(&name, &var),
+                name,
+                var,
+                exp_avg: zeros.clone(),
+                exp_avg_sq: zeros,
+                step: 0,
+            });
         }
-        Ok(Self { cfg, slots, num_updates: 0 })
+        Ok(Self {
+            cfg,
+            slots,
+            num_updates: 0,
+        })
     }
 
     /// The hyper-parameters (with the current learning rate).
@@ -148,11 +179,21 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        let AdamWConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
             if g.dims() != s.var.dims() {
-                return Err(Error::shape(format!("gradient of `{}`", s.name), format!("{:?}", s.var.dims()), g.dims()));
+                return Err(Error::shape(
+                    format!("gradient of `{}`", s.name),
+                    format!("{:?}", s.var.dims()),
+                    g.dims(),
+                ));
             }
             let g = g.detach().to_dtype(DType::F32)?;
             // detach: the update must not extend the autograd graph of the Var.
@@ -199,7 +240,11 @@ impl AdamW {
             let v = t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
             match v.as_slice() {
                 [n] if *n >= 0 => Ok(*n as u64),
-                _ => Err(Error::TensorShape { key, expected: vec![1], got: t.dims().to_vec() }),
+                _ => Err(Error::TensorShape {
+                    key,
+                    expected: vec![1],
+                    got: t.dims().to_vec(),
+                }),
             }
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
@@ -208,11 +253,19 @@ impl AdamW {
                 let key = format!("{prefix}{}", s.name);
                 let t = get(key.clone())?;
                 if t.dims() != s.var.dims() {
-                    return Err(Error::TensorShape { key, expected: s.var.dims().to_vec(), got: t.dims().to_vec() });
+                    return Err(Error::TensorShape {
+                        key,
+                        expected: s.var.dims().to_vec(),
+                        got: t.dims().to_vec(),
+                    });
                 }
                 Ok(t.to_dtype(DType::F32)?.to_device(s.var.device())?)
             };
-            loaded.push((moment(EXP_AVG)?, moment(EXP_AVG_SQ)?, count(format!("{STEP}{}", s.name))?));
+            loaded.push((
+                moment(EXP_AVG)?,
+                moment(EXP_AVG_SQ)?,
+                count(format!("{STEP}{}", s.name))?,
+            ));
         }
         let num_updates = count(NUM_UPDATES.to_string())?;
         if state.len() != 3 * self.slots.len() + 1 {
@@ -232,15 +285,22 @@ impl AdamW {
     /// Writes [`AdamW::state`] to a safetensors file.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        candle_core::safetensors::save(&self.state()?, path)
-            .map_err(|e| Error::File { path: path.display().to_string(), reason: e.to_string() })
+        candle_core::safetensors::save(&self.state()?, path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
     }
 
     /// Reads a file written by [`AdamW::save`] and restores it with [`AdamW::load_state`].
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let state = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-            .map_err(|e| Error::File { path: path.display().to_string(), reason: e.to_string() })?;
+        let state =
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| {
+                Error::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
         self.load_state(&state)
     }
 }

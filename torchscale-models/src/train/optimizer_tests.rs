@@ -21,7 +21,11 @@ fn vals(v: &Var) -> Vec<f32> {
 }
 
 fn cfg(lr: f64, wd: f64) -> AdamWConfig {
-    AdamWConfig { lr, weight_decay: wd, ..AdamWConfig::default() }
+    AdamWConfig {
+        lr,
+        weight_decay: wd,
+        ..AdamWConfig::default()
+    }
 }
 
 #[test]
@@ -32,20 +36,33 @@ fn two_steps_by_hand() {
 
     // Step 1, g = [0.5, -0.25]: m̂ = g, v̂ = g², so the Adam step is lr·sign(g) (up to eps);
     // decay first: [1, -2]·(1 − 0.1·0.01) = [0.999, −1.998].
-    opt.step(&grads(&[(&w, t(&[0.5, -0.25]).reshape((1, 2)).unwrap())])).unwrap();
+    opt.step(&grads(&[(&w, t(&[0.5, -0.25]).reshape((1, 2)).unwrap())]))
+        .unwrap();
     let p = vals(&w);
-    assert!((p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6, "{p:?}");
+    assert!(
+        (p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6,
+        "{p:?}"
+    );
 
     // Step 2, g = [0.1, 0.2]:
     // m = 0.9·[0.05, −0.025] + 0.1·g = [0.055, −0.0025]
     // v = 0.98·[0.005, 0.00125] + 0.02·g² = [0.0051, 0.002025]
     // p ← p·0.999 − 0.1/(1 − 0.9²) · m / (sqrt(v)/sqrt(1 − 0.98²) + 1e-8)
-    opt.step(&grads(&[(&w, t(&[0.1, 0.2]).reshape((1, 2)).unwrap())])).unwrap();
-    let (m, v, prev) = ([0.055f64, -0.0025], [0.0051f64, 0.002025], [0.899f64, -1.898]);
+    opt.step(&grads(&[(&w, t(&[0.1, 0.2]).reshape((1, 2)).unwrap())]))
+        .unwrap();
+    let (m, v, prev) = (
+        [0.055f64, -0.0025],
+        [0.0051f64, 0.002025],
+        [0.899f64, -1.898],
+    );
     let bc2 = (1.0f64 - 0.98 * 0.98).sqrt();
     for i in 0..2 {
         let want = prev[i] * 0.999 - 0.1 / 0.19 * m[i] / (v[i].sqrt() / bc2 + 1e-8);
-        assert!((vals(&w)[i] as f64 - want).abs() < 2e-6, "{i}: {} vs {want}", vals(&w)[i]);
+        assert!(
+            (vals(&w)[i] as f64 - want).abs() < 2e-6,
+            "{i}: {} vs {want}",
+            vals(&w)[i]
+        );
     }
     assert_eq!(opt.num_updates(), 2);
 }
@@ -55,13 +72,18 @@ fn decay_skips_biases_and_norms() {
     let w = Var::from_tensor(&t(&[1.0, 2.0, 3.0, 4.0]).reshape((2, 2)).unwrap()).unwrap();
     let b = Var::from_tensor(&t(&[1.0, 2.0])).unwrap();
     let ln = Var::from_tensor(&t(&[1.0, 1.0])).unwrap();
-    let params = vec![("layers.0.fc1.weight".to_string(), w.clone()), ("layers.0.fc1.bias".into(), b.clone()), ("layers.0.final_layer_norm.weight".into(), ln.clone())];
+    let params = vec![
+        ("layers.0.fc1.weight".to_string(), w.clone()),
+        ("layers.0.fc1.bias".into(), b.clone()),
+        ("layers.0.final_layer_norm.weight".into(), ln.clone()),
+    ];
     let mut opt = AdamW::new(params, cfg(0.5, 0.1)).unwrap();
     assert_eq!(opt.decays("layers.0.fc1.bias"), Some(false));
     assert_eq!(opt.decays("layers.0.final_layer_norm.weight"), Some(false));
     // Zero gradients: the Adam term is 0 / (0 + eps) = 0, only the decay moves a parameter.
     let zero = |v: &Var| v.as_tensor().zeros_like().unwrap();
-    opt.step(&grads(&[(&w, zero(&w)), (&b, zero(&b)), (&ln, zero(&ln))])).unwrap();
+    opt.step(&grads(&[(&w, zero(&w)), (&b, zero(&b)), (&ln, zero(&ln))]))
+        .unwrap();
     // 1 − 0.5·0.1 = 0.95
     assert_eq!(vals(&w), vec![0.95, 1.9, 2.85, 3.8]);
     assert_eq!(vals(&b), vec![1.0, 2.0]);
@@ -70,10 +92,19 @@ fn decay_skips_biases_and_norms() {
 
 #[test]
 fn default_rule_by_name_and_rank() {
-    assert!(default_decay("encoder.layers.0.self_attn.k_proj.weight", &[8, 8]));
+    assert!(default_decay(
+        "encoder.layers.0.self_attn.k_proj.weight",
+        &[8, 8]
+    ));
     assert!(default_decay("encoder.embed_tokens.weight", &[100, 8]));
-    assert!(!default_decay("encoder.layers.0.self_attn.k_proj.bias", &[8]));
-    assert!(!default_decay("decoder.layers.3.ffn.ffn_layernorm.weight", &[8]));
+    assert!(!default_decay(
+        "encoder.layers.0.self_attn.k_proj.bias",
+        &[8]
+    ));
+    assert!(!default_decay(
+        "decoder.layers.3.ffn.ffn_layernorm.weight",
+        &[8]
+    ));
     assert!(!default_decay("x.inner_attn_ln.weight", &[2, 8]));
     assert!(!default_decay("x.self_attn_layer_norm.weight", &[2, 8]));
     assert!(default_decay("x.kln.weight", &[2, 8]));
@@ -83,8 +114,16 @@ fn default_rule_by_name_and_rank() {
 fn missing_gradient_is_not_updated() {
     let a = Var::from_tensor(&t(&[1.0, 1.0]).reshape((1, 2)).unwrap()).unwrap();
     let b = Var::from_tensor(&t(&[1.0, 1.0]).reshape((1, 2)).unwrap()).unwrap();
-    let mut opt = AdamW::new(vec![("a.weight".into(), a.clone()), ("b.weight".into(), b.clone())], cfg(0.1, 0.1)).unwrap();
-    opt.step(&grads(&[(&a, t(&[1.0, 1.0]).reshape((1, 2)).unwrap())])).unwrap();
+    let mut opt = AdamW::new(
+        vec![
+            ("a.weight".into(), a.clone()),
+            ("b.weight".into(), b.clone()),
+        ],
+        cfg(0.1, 0.1),
+    )
+    .unwrap();
+    opt.step(&grads(&[(&a, t(&[1.0, 1.0]).reshape((1, 2)).unwrap())]))
+        .unwrap();
     assert_eq!(vals(&b), vec![1.0, 1.0]);
     assert_ne!(vals(&a), vec![1.0, 1.0]);
     let state = opt.state().unwrap();
@@ -100,7 +139,10 @@ fn state_roundtrip_resumes_exactly() {
     let a = Var::from_tensor(&init).unwrap();
     let mut opt_a = AdamW::new(vec![("w.weight".into(), a.clone())], cfg(1e-2, 0.01)).unwrap();
     opt_a.step(&grads(&[(&a, g1)])).unwrap();
-    let path = std::env::temp_dir().join(format!("torchscale-adamw-{}.safetensors", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "torchscale-adamw-{}.safetensors",
+        std::process::id()
+    ));
     opt_a.save(&path).unwrap();
 
     // A fresh optimizer on a copy of the parameters, with the saved state.
@@ -127,13 +169,24 @@ fn load_state_rejects_bad_files() {
     let good = opt.state().unwrap();
     let mut missing = good.clone();
     missing.remove("exp_avg_sq.w");
-    assert!(matches!(opt.load_state(&missing), Err(Error::MissingTensor { key }) if key == "exp_avg_sq.w"));
+    assert!(
+        matches!(opt.load_state(&missing), Err(Error::MissingTensor { key }) if key == "exp_avg_sq.w")
+    );
     let mut extra = good.clone();
     extra.insert("exp_avg.other".into(), t(&[1.0]));
-    assert!(matches!(opt.load_state(&extra), Err(Error::UnexpectedTensor { .. })));
+    assert!(matches!(
+        opt.load_state(&extra),
+        Err(Error::UnexpectedTensor { .. })
+    ));
     let mut shape = good;
     shape.insert("exp_avg.w".into(), t(&[1.0, 2.0, 3.0]));
-    assert!(matches!(opt.load_state(&shape), Err(Error::TensorShape { .. })));
-    let dup = AdamW::new(vec![("w".into(), w.clone()), ("w".into(), w)], cfg(0.1, 0.0));
+    assert!(matches!(
+        opt.load_state(&shape),
+        Err(Error::TensorShape { .. })
+    ));
+    let dup = AdamW::new(
+        vec![("w".into(), w.clone()), ("w".into(), w)],
+        cfg(0.1, 0.0),
+    );
     assert!(matches!(dup, Err(Error::Invalid { .. })));
 }

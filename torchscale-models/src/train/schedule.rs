@@ -27,7 +27,11 @@ pub struct InverseSqrt {
 impl InverseSqrt {
     /// Warm-up from 0 to `lr` over `warmup_updates`, as fairseq's defaults.
     pub fn new(lr: f64, warmup_updates: u64) -> Self {
-        Self { lr, warmup_updates, warmup_init_lr: 0.0 }
+        Self {
+            lr,
+            warmup_updates,
+            warmup_init_lr: 0.0,
+        }
     }
 }
 
@@ -64,14 +68,26 @@ pub struct PolynomialDecay {
 
 impl PolynomialDecay {
     /// Checks `total_updates > warmup_updates` (the decay divides by their difference).
-    pub fn new(lr: f64, warmup_updates: u64, total_updates: u64, end_lr: f64, power: f64) -> Result<Self> {
+    pub fn new(
+        lr: f64,
+        warmup_updates: u64,
+        total_updates: u64,
+        end_lr: f64,
+        power: f64,
+    ) -> Result<Self> {
         if total_updates <= warmup_updates {
             return Err(Error::config(
                 "total_num_update",
                 format!("must exceed warmup_updates ({warmup_updates}), got {total_updates}"),
             ));
         }
-        Ok(Self { lr, warmup_updates, total_updates, end_lr, power })
+        Ok(Self {
+            lr,
+            warmup_updates,
+            total_updates,
+            end_lr,
+            power,
+        })
     }
 }
 
@@ -131,7 +147,10 @@ mod tests {
 
     #[test]
     fn inverse_sqrt_warmup_init() {
-        let s = InverseSqrt { warmup_init_lr: 1e-7, ..InverseSqrt::new(5e-4, 4000) };
+        let s = InverseSqrt {
+            warmup_init_lr: 1e-7,
+            ..InverseSqrt::new(5e-4, 4000)
+        };
         close(s.lr(0), 1e-7);
         // 1e-7 + (5e-4 - 1e-7) / 2
         close(s.lr(2000), 2.5005e-4);
@@ -158,6 +177,9 @@ mod tests {
     #[test]
     fn enum_dispatch() {
         close(Schedule::Constant(3e-4).lr(12345), 3e-4);
-        close(Schedule::InverseSqrt(InverseSqrt::new(5e-4, 4000)).lr(16000), 2.5e-4);
+        close(
+            Schedule::InverseSqrt(InverseSqrt::new(5e-4, 4000)).lr(16000),
+            2.5e-4,
+        );
     }
 }

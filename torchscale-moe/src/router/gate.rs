@@ -40,8 +40,8 @@ impl Gate {
         }
     }
 
-    /// `[S, C] -> [S, E]` logits in `gating_dtype` (see [`make_finite`] for what torchscale
-    /// does next).
+    /// `[S, C] -> [S, E]` logits in `gating_dtype`. The router then replaces non-finite logits
+    /// by the smallest finite one, as torchscale does.
     pub fn logits(&self, x: &Tensor, gating_dtype: DType) -> Result<Tensor> {
         match self {
             Gate::Linear(w) => Ok(x.matmul(&w.t()?)?.to_dtype(gating_dtype)?),
@@ -64,7 +64,9 @@ pub(crate) fn make_finite(logits: &Tensor, host: &mut [f64]) -> Result<Tensor> {
         .fold(f64::INFINITY, f64::min);
     let min = if min.is_finite() { min } else { 0.0 };
     let ok: Vec<u8> = host.iter().map(|x| x.is_finite() as u8).collect();
-    host.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = min);
+    host.iter_mut()
+        .filter(|x| !x.is_finite())
+        .for_each(|x| *x = min);
     let ok = Tensor::from_vec(ok, logits.shape(), logits.device())?;
     let fill = Tensor::full(min, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
     Ok(ok.where_cond(logits, &fill)?)
@@ -79,7 +81,10 @@ mod tests {
     fn non_finite_logits_become_the_smallest_finite_one() {
         let t = Tensor::new(&[[1f32, f32::NAN], [f32::INFINITY, -2.0]], &Device::Cpu).unwrap();
         let mut host = vec![1.0, f64::NAN, f64::INFINITY, -2.0];
-        let f = make_finite(&t, &mut host).unwrap().to_vec2::<f32>().unwrap();
+        let f = make_finite(&t, &mut host)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(f, vec![vec![1.0, -2.0], vec![-2.0, -2.0]]);
         assert_eq!(host, vec![1.0, -2.0, -2.0, -2.0]);
     }

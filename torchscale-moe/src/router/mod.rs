@@ -232,10 +232,16 @@ impl Router for MoeRouter {
         let e = self.cfg.num_experts;
         let gdt = self.gating_dtype(x.dtype());
         let logits = self.gate.logits(x, gdt)?;
-        let mut logits_h = logits.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let mut logits_h = logits
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         let logits = gate::make_finite(&logits, &mut logits_h)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        let probs_h = probs.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let probs_h = probs
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         let padding = padding_flags(opts.padding, s)?;
         let cap = self.capacity(s, opts.train);
         let eps = match gdt {

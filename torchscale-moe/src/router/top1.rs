@@ -53,7 +53,10 @@ mod tests {
         assert_eq!(a.expert, vec![1, 1, 0, 0]);
         assert_eq!(a.slot, vec![0, 1, 0, 1]);
         use ChoiceStatus::*;
-        assert_eq!(a.status, vec![Kept, DroppedByCapacity, Kept, DroppedByCapacity]);
+        assert_eq!(
+            a.status,
+            vec![Kept, DroppedByCapacity, Kept, DroppedByCapacity]
+        );
         assert_eq!(a.first_counts, vec![2, 2]);
         assert_eq!(a.runner_up, vec![0, 0, 1, 1]);
     }

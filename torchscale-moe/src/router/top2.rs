@@ -68,9 +68,9 @@ pub(crate) fn assign(
     }
     // First choices.
     let mut taken = vec![0usize; e];
-    for t in 0..s {
+    for (t, &pad) in padding.iter().enumerate().take(s) {
         let e1 = out.expert[2 * t] as usize;
-        if padding[t] {
+        if pad {
             out.status[2 * t] = ChoiceStatus::Padding;
             continue;
         }
@@ -117,7 +117,11 @@ mod tests {
     use super::*;
     use ChoiceStatus::*;
 
-    fn inputs<'a>(logits: &'a [f64], draws: &'a [f64], policy: SecondExpertPolicy) -> Top2Inputs<'a> {
+    fn inputs<'a>(
+        logits: &'a [f64],
+        draws: &'a [f64],
+        policy: SecondExpertPolicy,
+    ) -> Top2Inputs<'a> {
         Top2Inputs {
             logits,
             draws,
@@ -132,7 +136,13 @@ mod tests {
     fn second_choices_start_after_all_first_choices() {
         // 3 experts, 3 tokens, all prefer expert 0 then expert 1; capacity 4.
         let p = [0.6, 0.3, 0.1, 0.5, 0.4, 0.1, 0.7, 0.2, 0.1];
-        let a = assign(&p, 3, 4, &[false; 3], &inputs(&p, &[], SecondExpertPolicy::All));
+        let a = assign(
+            &p,
+            3,
+            4,
+            &[false; 3],
+            &inputs(&p, &[], SecondExpertPolicy::All),
+        );
         assert_eq!(a.expert, vec![0, 1, 0, 1, 0, 1]);
         // Expert 1 has no first choice, so its second choices start at slot 0.
         assert_eq!(a.slot, vec![0, 0, 1, 1, 2, 2]);
@@ -145,11 +155,33 @@ mod tests {
         // Tokens 0 and 1 choose expert 0 then 1; token 2 chooses 1 then 0. Expert 0's second
         // choices start at slot 2 (its two first choices), also when capacity 1 drops one.
         let p = [0.6, 0.4, 0.7, 0.3, 0.2, 0.8];
-        let a = assign(&p, 2, 3, &[false; 3], &inputs(&p, &[], SecondExpertPolicy::All));
+        let a = assign(
+            &p,
+            2,
+            3,
+            &[false; 3],
+            &inputs(&p, &[], SecondExpertPolicy::All),
+        );
         assert_eq!(a.expert, vec![0, 1, 0, 1, 1, 0]);
         assert_eq!(a.slot, vec![0, 1, 1, 2, 0, 2]);
-        let a = assign(&p, 2, 1, &[false; 3], &inputs(&p, &[], SecondExpertPolicy::All));
-        assert_eq!(a.status, vec![Kept, DroppedByCapacity, DroppedByCapacity, DroppedByCapacity, Kept, DroppedByCapacity]);
+        let a = assign(
+            &p,
+            2,
+            1,
+            &[false; 3],
+            &inputs(&p, &[], SecondExpertPolicy::All),
+        );
+        assert_eq!(
+            a.status,
+            vec![
+                Kept,
+                DroppedByCapacity,
+                DroppedByCapacity,
+                DroppedByCapacity,
+                Kept,
+                DroppedByCapacity
+            ]
+        );
     }
 
     #[test]
@@ -157,7 +189,13 @@ mod tests {
         // g1n = 0.6 / 0.9, g2n = 0.3 / 0.9 = 1/3: kept iff u < 2/3.
         let p = [0.6, 0.3, 0.1, 0.6, 0.3, 0.1];
         let u = [0.66, 0.67];
-        let a = assign(&p, 3, 8, &[false; 2], &inputs(&p, &u, SecondExpertPolicy::Random));
+        let a = assign(
+            &p,
+            3,
+            8,
+            &[false; 2],
+            &inputs(&p, &u, SecondExpertPolicy::Random),
+        );
         assert_eq!(a.sampled, Some(vec![true, false]));
         assert_eq!(a.status[1], Kept);
         assert_eq!(a.status[3], NotSampled);
@@ -174,7 +212,13 @@ mod tests {
         let lg = [0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln()];
         // Noise that lifts expert 2 above expert 1, and a huge one on expert 0 (excluded).
         let noise = [10.0, 0.0, 1.0];
-        let a = assign(&p, 3, 4, &[false], &inputs(&lg, &noise, SecondExpertPolicy::Sampling));
+        let a = assign(
+            &p,
+            3,
+            4,
+            &[false],
+            &inputs(&lg, &noise, SecondExpertPolicy::Sampling),
+        );
         assert_eq!(a.expert, vec![0, 2]);
         assert_eq!(a.runner_up, vec![1]);
         assert_eq!(a.sampled, None);
@@ -183,7 +227,13 @@ mod tests {
     #[test]
     fn padding_is_never_routed() {
         let p = [0.6, 0.4, 0.7, 0.3];
-        let a = assign(&p, 2, 4, &[true, false], &inputs(&p, &[], SecondExpertPolicy::All));
+        let a = assign(
+            &p,
+            2,
+            4,
+            &[true, false],
+            &inputs(&p, &[], SecondExpertPolicy::All),
+        );
         assert_eq!(a.status, vec![Padding, Padding, Kept, Kept]);
         assert_eq!(a.slot, vec![0, 0, 0, 0]);
         assert_eq!(a.first_counts, vec![1, 0]);

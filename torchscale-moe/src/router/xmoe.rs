@@ -140,7 +140,9 @@ pub fn orthogonal(a: &[Vec<f64>], gain: f64) -> Vec<Vec<f32>> {
     let transpose = rows > cols;
     // Work on the vectors that must be orthonormal.
     let mut v: Vec<Vec<f64>> = if transpose {
-        (0..cols).map(|j| a.iter().map(|r| r[j]).collect()).collect()
+        (0..cols)
+            .map(|j| a.iter().map(|r| r[j]).collect())
+            .collect()
     } else {
         a.to_vec()
     };
@@ -183,7 +185,11 @@ mod tests {
         let el = |i: usize, k: usize| if rows_dot { m[i][k] } else { m[k][i] } as f64;
         let len = if rows_dot { c } else { r };
         (0..n)
-            .map(|i| (0..n).map(|j| (0..len).map(|k| el(i, k) * el(j, k)).sum()).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| (0..len).map(|k| el(i, k) * el(j, k)).sum())
+                    .collect()
+            })
             .collect()
     }
 
@@ -196,7 +202,11 @@ mod tests {
         let gm = gram(&w, true);
         for (i, row) in gm.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
-                let want = if i == j { WG_INIT_GAIN * WG_INIT_GAIN } else { 0.0 };
+                let want = if i == j {
+                    WG_INIT_GAIN * WG_INIT_GAIN
+                } else {
+                    0.0
+                };
                 assert!((v - want).abs() < 1e-6, "gram[{i}][{j}] = {v}");
             }
         }
@@ -216,7 +226,10 @@ mod tests {
             "wg_reduction.weight".to_string(),
             Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &dev).unwrap(),
         );
-        map.insert("wg".to_string(), Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &dev).unwrap());
+        map.insert(
+            "wg".to_string(),
+            Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &dev).unwrap(),
+        );
         let vb = VarBuilder::from_tensors(map.clone(), DType::F32, &dev);
         let g = XMoeGate::new(2, 2, 2, false, vb).unwrap();
         let x = Tensor::new(&[[2f32, 1.0]], &dev).unwrap();
@@ -226,7 +239,10 @@ mod tests {
         assert_eq!(g.wg().to_vec2::<f32>().unwrap()[0], vec![3.0, 4.0]);
         assert!(!g.rescale_wg().unwrap());
         // Paper routing: cosine / 0.07; x = (2, 1) has norm sqrt(5).
-        map.insert("gating_t".to_string(), Tensor::new(&[0.07f32], &dev).unwrap());
+        map.insert(
+            "gating_t".to_string(),
+            Tensor::new(&[0.07f32], &dev).unwrap(),
+        );
         let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
         let g = XMoeGate::new(2, 2, 2, true, vb).unwrap();
         let l = g.logits(&x, DType::F32).unwrap().to_vec2::<f32>().unwrap();
@@ -240,7 +256,13 @@ mod tests {
         let store = ParamStore::new(1);
         let g = XMoeGate::new(8, 3, 4, false, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
         assert!(g.rescale_wg().unwrap());
-        for row in store.get("wg").unwrap().as_tensor().to_vec2::<f32>().unwrap() {
+        for row in store
+            .get("wg")
+            .unwrap()
+            .as_tensor()
+            .to_vec2::<f32>()
+            .unwrap()
+        {
             let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((n - 1.5).abs() < 1e-5);
         }
