@@ -71,7 +71,9 @@ pub fn assert_all_grads(store: &ParamStore, loss: &Tensor, allowed_zero: &[&str]
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                if m.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) && !allowed_zero.iter().any(|a| name.contains(a)) {
+                if m.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+                    && !allowed_zero.iter().any(|a| name.contains(a))
+                {
                     missing.push(format!("{name} (all zero)"));
                 }
             }

@@ -9,7 +9,9 @@ const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FIL
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else { bail!("{USAGE}") };
+    let Some(cmd) = args.first() else {
+        bail!("{USAGE}")
+    };
     match cmd.as_str() {
         "parity" => parity(&args[1..]),
         other => bail!("unknown command `{other}`\n{USAGE}"),
