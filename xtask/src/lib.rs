@@ -2,5 +2,6 @@
 //! library so that tests can drive them.
 
 pub mod admin_case;
+pub mod bench;
 pub mod golden;
 pub mod parity;

@@ -14,6 +14,7 @@ fn main() -> Result<()> {
     };
     match cmd.as_str() {
         "parity" => parity(&args[1..]),
+        "bench" => xtask::bench::main(&args[1..]),
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
 }
