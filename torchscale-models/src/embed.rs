@@ -1,10 +1,11 @@
 //! The embedding stage shared by the encoder and the decoder.
 
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use candle_nn::{Linear, VarBuilder};
 use torchscale_core::dropout::dropout;
 use torchscale_core::embedding::{PositionEmbedding, TokenEmbedding};
 use torchscale_core::layer_norm::LayerNorm;
+use torchscale_core::linear::linear_normal;
 use torchscale_core::{Branch, Multiway, Result};
 
 use crate::spec::StackSpec;
@@ -68,6 +69,16 @@ impl EmbeddingStage {
             scale: spec.embed_scale(),
             dropout: spec.dropout,
         })
+    }
+
+    /// The bias-free output projection `[V, C]`: tied to the token table when the spec shares them,
+    /// else N(0, C^-0.5) under `vb` (torchscale's init).
+    pub fn output_projection(&self, spec: &StackSpec, vb: VarBuilder) -> Result<Linear> {
+        if spec.share_input_output_embed {
+            return Ok(Linear::new(self.tokens.weight().clone(), None));
+        }
+        let std = (spec.embed_dim as f64).powf(-0.5);
+        linear_normal(spec.embed_dim, spec.vocab_size.max(0) as usize, std, vb)
     }
 
     /// Returns `(x, embed)`: `embed = scale * E[tokens]`, `x` = embed + positions (from `start`),

@@ -5,7 +5,7 @@ use candle_nn::{Linear, VarBuilder};
 use torchscale_core::attention::RelativePositionBias;
 use torchscale_core::embedding::TokenEmbedding;
 use torchscale_core::layer_norm::LayerNorm;
-use torchscale_core::linear::{apply, linear_normal};
+use torchscale_core::linear::apply;
 use torchscale_core::{AuxOutput, Branch, Error, Multiway, Result, Stabilizer};
 
 use crate::embed::EmbeddingStage;
@@ -108,22 +108,12 @@ impl Encoder {
         } else {
             None
         };
-        let output_projection =
-            if !in_encoder_decoder && spec.vocab_size > 0 && !spec.no_output_layer {
-                if spec.share_input_output_embed {
-                    Some(Linear::new(embed.tokens.weight().clone(), None))
-                } else {
-                    let std = (spec.embed_dim as f64).powf(-0.5);
-                    Some(linear_normal(
-                        spec.embed_dim,
-                        spec.vocab_size as usize,
-                        std,
-                        vb.pp("output_projection"),
-                    )?)
-                }
-            } else {
-                None
-            };
+        let wants_projection = !in_encoder_decoder && spec.vocab_size > 0 && !spec.no_output_layer;
+        let output_projection = if wants_projection {
+            Some(embed.output_projection(&spec, vb.pp("output_projection"))?)
+        } else {
+            None
+        };
         Ok(Self {
             embed,
             layers,
