@@ -108,10 +108,6 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
         }
     };
     report.kind = f.kind().to_string();
-    if let Some(why) = skip_reason(&f) {
-        report.status = Status::Skip(why);
-        return report;
-    }
     let tol = match mode {
         TolMode::Strict => Tolerance::STRICT_FORWARD,
         TolMode::Default => Tolerance::DEFAULT_FORWARD,
@@ -121,7 +117,9 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
             for key in f.keys_with("expect.") {
                 let want = &f.tensors[&key];
                 let exact = matches!(want.dtype(), DType::U8 | DType::U32 | DType::I64);
-                let scalar = want.elem_count() == 1 && key.contains("l_aux");
+                // FORMAT.md's scalar tolerance covers l_aux, norms and clip coefficients.
+                let scalar = want.elem_count() == 1
+                    && ["l_aux", "norm", "coef"].iter().any(|w| key.contains(w));
                 let c = match got.get(&key) {
                     Some(g) if exact => g
                         .to_dtype(DType::I64)
@@ -129,17 +127,17 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
                         .and_then(|g| compare_exact(&key, &g, &want.to_dtype(DType::I64)?)),
                     Some(g) if scalar => compare(&key, g, want, Tolerance::SCALAR),
                     Some(g) => compare(&key, g, want, tol),
-                    None => Ok(Comparison {
-                        key: key.clone(),
-                        max_abs: f64::INFINITY,
-                        max_rel: f64::INFINITY,
-                        pass: false,
-                        note: Some("not computed by the port".into()),
-                    }),
+                    None => Ok(missing(&key)),
                 };
                 match c {
                     Ok(c) => report.comparisons.push(c),
                     Err(e) => report.error = Some(format!("{key}: {e:#}")),
+                }
+            }
+            for family in ["grad", "grad_laux"] {
+                match compare_grads(&f, &got, family, mode) {
+                    Ok(cs) => report.comparisons.extend(cs),
+                    Err(e) => report.error = Some(format!("{family}: {e:#}")),
                 }
             }
             let ok = report.error.is_none()
@@ -152,18 +150,13 @@ pub fn check_file(path: &Path, mode: TolMode) -> FileReport {
     report
 }
 
-fn skip_reason(f: &GoldenFile) -> Option<String> {
-    let kind = f.kind();
-    if kind.starts_with("grad_") {
-        return Some("gradient parity: issue #4".into());
-    }
-    if kind.contains("sparse_clip") || f.tensors.keys().any(|k| k.starts_with("input.grad.")) {
-        return Some("SparseClip: issue #4".into());
-    }
-    None
-}
-
 fn run(f: &GoldenFile) -> Result<HashMap<String, Tensor>> {
+    if f.tensors.keys().any(|k| k.starts_with("input.grad.")) {
+        return crate::clip_case::run(f);
+    }
+    if f.tensors.keys().any(|k| k.starts_with("grad.")) {
+        return crate::grad_case::run(f);
+    }
     let config = f
         .meta
         .get("config")
@@ -183,7 +176,7 @@ fn new_store() -> (ParamStore, candle_nn::VarBuilder<'static>) {
     (store, vb)
 }
 
-fn opts(f: &GoldenFile, prefix: &str) -> BuildOptions {
+pub(crate) fn build_options(f: &GoldenFile, prefix: &str) -> BuildOptions {
     BuildOptions {
         learned_positions: Some(
             f.tensors
@@ -200,7 +193,7 @@ fn states(out: &mut HashMap<String, Tensor>, name: &str, v: &[Tensor]) {
 
 fn run_encoder(f: &GoldenFile, cfg: &EncoderConfig) -> Result<HashMap<String, Tensor>> {
     let (store, vb) = new_store();
-    let model = Encoder::new(cfg, &opts(f, ""), vb)?;
+    let model = Encoder::new(cfg, &build_options(f, ""), vb)?;
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
     let src = f.get("input.src_tokens")?;
     let mask = f.tensors.get("input.encoder_padding_mask");
@@ -239,7 +232,7 @@ fn run_encoder(f: &GoldenFile, cfg: &EncoderConfig) -> Result<HashMap<String, Te
 
 fn run_decoder(f: &GoldenFile, cfg: &DecoderConfig) -> Result<HashMap<String, Tensor>> {
     let (store, vb) = new_store();
-    let model = Decoder::new(cfg, &opts(f, ""), vb)?;
+    let model = Decoder::new(cfg, &build_options(f, ""), vb)?;
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
     let tokens = f.get("input.prev_output_tokens")?;
     let moe_uniforms = uniforms(f, "", cfg.decoder_layers);
@@ -323,7 +316,7 @@ fn run_decoder(f: &GoldenFile, cfg: &DecoderConfig) -> Result<HashMap<String, Te
 }
 
 /// The stored random-policy draws of each layer (`input.moe_uniform.<prefix>layers.<i>.moe_layer`).
-fn uniforms(f: &GoldenFile, prefix: &str, layers: usize) -> Vec<Option<Tensor>> {
+pub(crate) fn uniforms(f: &GoldenFile, prefix: &str, layers: usize) -> Vec<Option<Tensor>> {
     (0..layers)
         .map(|i| {
             f.tensors
@@ -334,7 +327,7 @@ fn uniforms(f: &GoldenFile, prefix: &str, layers: usize) -> Vec<Option<Tensor>> 
 }
 
 /// The per-layer MoE results under the keys torchscale's hooks used.
-fn moe_outputs(
+pub(crate) fn moe_outputs(
     f: &GoldenFile,
     out: &mut HashMap<String, Tensor>,
     aux: &[AuxOutput],
@@ -397,7 +390,7 @@ fn run_encoder_decoder(
     cfg: &EncoderDecoderConfig,
 ) -> Result<HashMap<String, Tensor>> {
     let (store, vb) = new_store();
-    let model = EncoderDecoder::new(cfg, &opts(f, "encoder."), vb)?;
+    let model = EncoderDecoder::new(cfg, &build_options(f, "encoder."), vb)?;
     load_into(&store, &f.weights(""), &model.buffers()?, &[])?;
     let src = f.get("input.src_tokens")?;
     let prev = f.get("input.prev_output_tokens")?;
@@ -412,6 +405,60 @@ fn run_encoder_decoder(
         "expect.logits_forward_without_mask".into(),
         model.forward_torchscale(src, prev)?.x,
     );
+    Ok(out)
+}
+
+fn missing(key: &str) -> Comparison {
+    Comparison {
+        key: key.to_string(),
+        max_abs: f64::INFINITY,
+        max_rel: f64::INFINITY,
+        pass: false,
+        note: Some("not computed by the port".into()),
+    }
+}
+
+/// Compares one gradient family (`grad` or `grad_laux`) with FORMAT.md's gradient tolerance,
+/// scaled by the family's largest stored entry. A `grad_laux` entry the file leaves out is zero
+/// there (the balance loss does not reach it), so the port's must be zero too.
+fn compare_grads(
+    f: &GoldenFile,
+    got: &HashMap<String, Tensor>,
+    family: &str,
+    mode: TolMode,
+) -> Result<Vec<Comparison>> {
+    let prefix = format!("{family}.");
+    let keys = f.keys_with(&prefix);
+    if keys.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut g = 0f64;
+    for k in &keys {
+        let m = f.tensors[k].abs()?.max_all()?.to_dtype(DType::F64)?;
+        g = g.max(m.to_scalar::<f64>()?);
+    }
+    let tol = match mode {
+        TolMode::Strict => Tolerance::strict_grad(g),
+        TolMode::Default => Tolerance::default_grad(g),
+    };
+    let mut out = Vec::new();
+    for k in &keys {
+        out.push(match got.get(k) {
+            Some(t) => compare(k, t, &f.tensors[k], tol)?,
+            None => missing(k),
+        });
+    }
+    if family == "grad_laux" {
+        let mut extra: Vec<&String> = got
+            .keys()
+            .filter(|k| k.starts_with(&prefix) && !f.tensors.contains_key(*k))
+            .collect();
+        extra.sort();
+        for k in extra {
+            let t = &got[k];
+            out.push(compare(k, t, &t.zeros_like()?, tol)?);
+        }
+    }
     Ok(out)
 }
 

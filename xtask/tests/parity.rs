@@ -1,5 +1,5 @@
 //! Every public golden file runs through `cargo xtask parity`'s checker under the strict
-//! tolerances; each dense kind must PASS (a SKIP there is a failure).
+//! tolerances and must PASS (a SKIP is a failure); a perturbed file must FAIL.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,7 @@ fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden")
 }
 
-const DENSE: &[&str] = &[
+const KINDS: &[&str] = &[
     "encoder_postln",
     "encoder_preln",
     "encoder_subln",
@@ -28,23 +28,22 @@ const DENSE: &[&str] = &[
     "decoder_moe_top1",
     "decoder_moe_top2",
     "encoder_moe_top2",
+    "grad_encoder_subln",
+    "grad_decoder_moe_top2",
+    "sparse_clip",
 ];
 
 #[test]
-fn dense_and_moe_golden_files_pass_strict() {
+fn every_golden_file_passes_strict() {
     let files = xtask::golden::collect_files(&[golden_dir()]).unwrap();
     let mut seen = Vec::new();
     for f in &files {
         let r = check_file(f, TolMode::Strict);
-        if DENSE.contains(&r.kind.as_str()) {
-            assert_eq!(r.status, Status::Pass, "{}", r.line());
-            assert!(!r.comparisons.is_empty());
-            seen.push(r.kind.clone());
-        } else {
-            assert_ne!(r.status, Status::Fail, "{}", r.line());
-        }
+        assert_eq!(r.status, Status::Pass, "{}", r.line());
+        assert!(!r.comparisons.is_empty());
+        seen.push(r.kind.clone());
     }
-    for k in DENSE {
+    for k in KINDS {
         assert!(
             seen.iter().any(|s| s == k),
             "golden file of kind {k} not found"
@@ -52,17 +51,15 @@ fn dense_and_moe_golden_files_pass_strict() {
     }
 }
 
-#[test]
-fn a_wrong_weight_fails() {
-    // The checker must be able to fail: perturb one LayerNorm weight and expect FAIL.
-    let src = golden_dir().join("encoder_postln.safetensors");
+/// Copies golden file `name` with tensor `key` scaled by `factor`, keeping the metadata.
+fn perturbed(name: &str, key: &str, factor: f64) -> PathBuf {
+    let src = golden_dir().join(format!("{name}.safetensors"));
     let (mut tensors, meta) = torchscale_models::checkpoint::read_safetensors(&src).unwrap();
-    let key = "layers.1.final_layer_norm.weight";
     let w = tensors[key].clone();
-    tensors.insert(key.into(), (w * 1.01).unwrap());
+    tensors.insert(key.into(), (w * factor).unwrap());
     let dir = std::env::temp_dir().join(format!("tsrs-parity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("perturbed.safetensors");
+    let out = dir.join(format!("{name}-{key}.safetensors"));
     candle_core::safetensors::save(&tensors, &out).unwrap();
     // Re-attach the metadata (candle's save writes none).
     let bytes = std::fs::read(&out).unwrap();
@@ -70,6 +67,39 @@ fn a_wrong_weight_fails() {
     let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     let data = safetensors::serialize(views, Some(meta)).unwrap();
     std::fs::write(&out, data).unwrap();
-    let r = check_file(&out, TolMode::Strict);
+    out
+}
+
+fn assert_fails(name: &str, key: &str, factor: f64) {
+    let r = check_file(&perturbed(name, key, factor), TolMode::Strict);
     assert_eq!(r.status, Status::Fail, "{}", r.line());
+}
+
+#[test]
+fn a_wrong_weight_fails() {
+    assert_fails("encoder_postln", "layers.1.final_layer_norm.weight", 1.01);
+}
+
+#[test]
+fn a_wrong_gradient_fails() {
+    assert_fails("grad_encoder_subln", "grad.layers.0.ffn.fc1.weight", 1.001);
+    assert_fails(
+        "grad_decoder_moe_top2",
+        "grad.layers.0.ffn.fc2.weight",
+        1.01,
+    );
+    assert_fails(
+        "grad_decoder_moe_top2",
+        "grad_laux.layers.1.moe_layer.gate.wg",
+        1.1,
+    );
+}
+
+#[test]
+fn a_wrong_clipped_expert_gradient_fails() {
+    assert_fails(
+        "sparse_clip",
+        "expect.clipped_sparse_intended.expert.0.0",
+        1.001,
+    );
 }
