@@ -79,6 +79,21 @@ impl FeedForward {
         self.ffn_layernorm.as_ref()
     }
 
+    /// Every trainable tensor of the block (projections, then the inner norm), as the same
+    /// tensors the `VarBuilder` handed out: match them to variables by `Tensor::id`.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        let mut v = Vec::with_capacity(6);
+        for l in [&self.fc1, &self.fc2] {
+            v.push(l.weight().clone());
+            v.extend(l.bias().cloned());
+        }
+        if let Some(n) = &self.ffn_layernorm {
+            v.push(n.weight().clone());
+            v.push(n.bias().clone());
+        }
+        v
+    }
+
     /// `[.., C] -> [.., C]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = apply(&self.fc1, x)?;

@@ -145,6 +145,17 @@ impl Encoder {
         &self.embed.tokens
     }
 
+    /// Reseeds every random draw of the next forward passes on this thread (dropout masks and the
+    /// MoE routers' second-expert draws), so that a training step is reproducible from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        crate::randomness::reseed_layers(&self.layers, seed, 0);
+    }
+
+    /// The parameters of this stack's MoE experts (empty for a dense stack).
+    pub fn expert_parameters(&self) -> Vec<Tensor> {
+        crate::randomness::expert_parameters(&self.layers)
+    }
+
     /// Non-trainable tensors torchscale keeps in its state_dict (xPos scales), by key.
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         crate::checkpoint::layer_buffers(&self.layers, "")

@@ -103,6 +103,19 @@ impl EncoderDecoder {
         self.decode(&enc, prev_output_tokens, false)
     }
 
+    /// Reseeds the random draws of both stacks (see [`Decoder::reseed`]).
+    pub fn reseed(&self, seed: u64) {
+        self.encoder.reseed(seed);
+        self.decoder.reseed(seed);
+    }
+
+    /// The MoE expert parameters of both stacks.
+    pub fn expert_parameters(&self) -> Vec<Tensor> {
+        let mut v = self.encoder.expert_parameters();
+        v.extend(self.decoder.expert_parameters());
+        v
+    }
+
     /// Buffers of both stacks, by key.
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         let mut b = crate::checkpoint::layer_buffers(self.encoder.layers(), "encoder.")?;

@@ -29,12 +29,16 @@
 
 pub mod build;
 pub mod checkpoint;
+pub mod checkpoint_dir;
 pub mod config;
+pub mod data;
 pub mod decoder;
 pub mod embed;
 pub mod encoder;
 pub mod encoder_decoder;
 pub mod layer;
+pub mod lm;
+pub mod randomness;
 pub mod spec;
 pub mod train;
 

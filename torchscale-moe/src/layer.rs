@@ -128,6 +128,12 @@ impl MoeLayer {
         &self.experts
     }
 
+    /// The parameters of this rank's experts: the ones SparseClip treats as expert gradients
+    /// (torchscale flags them `.expert = True`). Match them to variables by `Tensor::id`.
+    pub fn expert_parameters(&self) -> Vec<Tensor> {
+        self.experts.iter().flat_map(|e| e.parameters()).collect()
+    }
+
     /// Global indices of this rank's experts.
     pub fn local_experts(&self) -> Range<usize> {
         self.local.clone()

@@ -1,0 +1,375 @@
+//! A decoder-only language model ready to train: the [`Decoder`], its parameters, the training loss
+//! (label-smoothed cross entropy plus the MoE balance loss), evaluation, sampling with incremental
+//! decoding, and checkpoints in torchscale's layout.
+//!
+//! A checkpoint folder holds `model.safetensors` (torchscale's state_dict names), `config.json`
+//! (torchscale's `DecoderConfig` fields, so `DecoderConfig(**json)` rebuilds it in Python) and, when
+//! saved by a trainer, `trainer.safetensors` (optimiser state and step) with the run's settings in
+//! its metadata. The folder is replaced atomically ([`crate::checkpoint_dir`]).
+//!
+//! ```
+//! use torchscale_models::config::DecoderConfig;
+//! use torchscale_models::data::{ByteCorpus, BYTE_VOCAB};
+//! use torchscale_models::lm::LanguageModel;
+//! # fn main() -> torchscale_core::Result<()> {
+//! let cfg = DecoderConfig::default()
+//!     .with_vocab_size(BYTE_VOCAB as i64)
+//!     .with_embed_dim(32)
+//!     .with_heads(2)
+//!     .with_ffn_dim(64)
+//!     .with_layers(2)
+//!     .with_subln(true);
+//! let lm = LanguageModel::new(cfg, 0)?;
+//! let sample = lm.generate(&ByteCorpus::encode("In the"), 5, 1.0, 0, 1)?;
+//! assert_eq!(sample.len(), 5);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use torchscale_core::init::ParamStore;
+use torchscale_core::{Error, Result};
+
+use crate::build::BuildOptions;
+use crate::checkpoint::{load_into, read_safetensors, save_file};
+use crate::checkpoint_dir;
+use crate::config::DecoderConfig;
+use crate::data::{BOS, PAD};
+use crate::decoder::{Decoder, DecoderInputs, IncrementalState};
+use crate::train::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, MicroBatch};
+
+/// File names inside a checkpoint folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// torchscale's config as JSON.
+pub const CONFIG_FILE: &str = "config.json";
+/// Optimiser state and step.
+pub const TRAINER_FILE: &str = "trainer.safetensors";
+
+/// A decoder LM with its parameters.
+pub struct LanguageModel {
+    /// The validated configuration.
+    pub cfg: DecoderConfig,
+    /// The parameters, under torchscale's names.
+    pub store: ParamStore,
+    /// The network.
+    pub model: Decoder,
+    learned_positions: bool,
+}
+
+impl std::fmt::Debug for LanguageModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LanguageModel")
+            .field("cfg", &self.cfg)
+            .field("learned_positions", &self.learned_positions)
+            .finish()
+    }
+}
+
+/// Loss settings of a training micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    /// Label smoothing epsilon (0 = plain cross entropy).
+    pub label_smoothing: f64,
+    /// Weight of the MoE balance loss (torchscale's recipes use 0.01).
+    pub moe_loss_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            label_smoothing: 0.0,
+            moe_loss_weight: 0.01,
+        }
+    }
+}
+
+impl LanguageModel {
+    /// A freshly initialised model (seeded), on the CPU in f32. Learned positions are used unless
+    /// the config asks for xPos or a relative position bias.
+    pub fn new(cfg: DecoderConfig, seed: u64) -> Result<Self> {
+        let learned = !cfg.xpos_rel_pos && cfg.rel_pos_buckets == 0;
+        Self::with_options(cfg, learned, seed, &Device::Cpu)
+    }
+
+    /// As [`LanguageModel::new`] with the position choice and device explicit.
+    pub fn with_options(
+        cfg: DecoderConfig,
+        learned_positions: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let store = ParamStore::new(seed);
+        let vb = store.var_builder(DType::F32, device);
+        let opts = BuildOptions {
+            learned_positions: Some(learned_positions),
+        };
+        let model = Decoder::new(&cfg, &opts, vb)?;
+        Ok(Self {
+            cfg,
+            store,
+            model,
+            learned_positions,
+        })
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.store
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    fn aliases(&self) -> Vec<(&'static str, &'static str)> {
+        if self.cfg.share_decoder_input_output_embed {
+            vec![("output_projection.weight", "embed_tokens.weight")]
+        } else {
+            vec![]
+        }
+    }
+
+    /// One micro-batch: `input`/`target` `[B, T]` ids. In training mode the model is first reseeded
+    /// from `seed` (dropout, MoE draws). The returned loss is summed over non-padding targets, with
+    /// `moe_loss_weight * ntokens * mean(l_aux)` added as fairseq's MoE criterion does.
+    pub fn micro_batch(
+        &self,
+        input: &Tensor,
+        target: &Tensor,
+        train: bool,
+        loss: &LossConfig,
+        seed: u64,
+    ) -> Result<MicroBatch> {
+        if train {
+            self.model.reseed(seed);
+        }
+        let out = self.model.forward(
+            input,
+            &DecoderInputs {
+                train,
+                ..Default::default()
+            },
+        )?;
+        let ce = label_smoothed_cross_entropy(&out.x, target, loss.label_smoothing, Some(PAD))?;
+        let aux: Vec<Tensor> = out.aux.iter().map(|a| a.balance_loss.clone()).collect();
+        let mut loss_sum = ce.loss_sum;
+        if let Some(b) = moe_balance_loss(&aux, loss.moe_loss_weight, AuxCombine::Average)? {
+            loss_sum = (loss_sum + (b * ce.ntokens as f64)?)?;
+        }
+        Ok(MicroBatch {
+            loss_sum,
+            nll_sum: ce.nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ntokens: ce.ntokens,
+        })
+    }
+
+    /// Mean negative log-likelihood per token over `batches` (evaluation mode, no gradient kept).
+    pub fn evaluate(&self, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+        let (mut nll, mut n) = (0f64, 0usize);
+        for (i, t) in batches {
+            let mb = self.micro_batch(i, t, false, &LossConfig::default(), 0)?;
+            nll += mb.nll_sum;
+            n += mb.ntokens;
+        }
+        if n == 0 {
+            return Err(Error::invalid("validation", "no validation tokens"));
+        }
+        Ok(nll / n as f64)
+    }
+
+    /// Samples `n` ids after `prompt` (a `<s>` is put in front) with incremental decoding:
+    /// the prompt is run once, then one token per step against the key/value cache.
+    /// `temperature <= 0` is greedy; `top_k = 0` keeps every candidate.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+        seed: u64,
+    ) -> Result<Vec<u32>> {
+        let dev = self
+            .store
+            .vars()
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let mut ids: Vec<u32> = std::iter::once(BOS).chain(prompt.iter().copied()).collect();
+        let max = self.cfg.max_target_positions;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut state = IncrementalState::new(true);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            if ids.len() >= max {
+                break;
+            }
+            let toks = Tensor::from_vec(ids.clone(), (1, ids.len()), &dev)?;
+            let logits = self
+                .model
+                .forward_incremental(&toks, &DecoderInputs::default(), &mut state)?
+                .x;
+            let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
+            let next = sample(&last, temperature, top_k, &mut rng)?;
+            ids.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+
+    /// Saves the model (and, if given, a trainer state with its metadata) as a checkpoint folder,
+    /// replacing any previous one atomically.
+    pub fn save(
+        &self,
+        dir: &Path,
+        trainer: Option<(&HashMap<String, Tensor>, HashMap<String, String>)>,
+    ) -> Result<()> {
+        let config = serde_json::to_string_pretty(&self.cfg)
+            .map_err(|e| Error::invalid("config", e.to_string()))?;
+        let meta = HashMap::from([
+            ("model_class".to_string(), "Decoder".to_string()),
+            (
+                "learned_positions".to_string(),
+                self.learned_positions.to_string(),
+            ),
+            (
+                "format".to_string(),
+                "torchscale-rs checkpoint 1".to_string(),
+            ),
+        ]);
+        let buffers = self.model.buffers()?;
+        let aliases = self.aliases();
+        checkpoint_dir::save_atomic(dir, |tmp| {
+            save_file(&self.store, &buffers, &aliases, meta, &tmp.join(MODEL_FILE))?;
+            std::fs::write(tmp.join(CONFIG_FILE), &config)?;
+            if let Some((state, meta)) = trainer {
+                let bytes = serialize(state, meta)?;
+                std::fs::write(tmp.join(TRAINER_FILE), bytes)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Loads a checkpoint folder saved by [`LanguageModel::save`] (or a torchscale state_dict
+    /// exported the same way): the model, and the trainer state and metadata if present.
+    #[allow(clippy::type_complexity)]
+    pub fn load(
+        dir: &Path,
+    ) -> Result<(
+        Self,
+        Option<(HashMap<String, Tensor>, HashMap<String, String>)>,
+    )> {
+        let dir = checkpoint_dir::resolve(dir)?;
+        let cfg_path = dir.join(CONFIG_FILE);
+        let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File {
+            path: cfg_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let cfg = DecoderConfig::from_json_str(&json)?;
+        let (tensors, meta) = read_safetensors(&dir.join(MODEL_FILE))?;
+        let learned = match meta.get("learned_positions").map(String::as_str) {
+            Some("true") => true,
+            Some("false") => false,
+            _ => tensors.contains_key("embed_positions.weight"),
+        };
+        let lm = Self::with_options(cfg, learned, 0, &Device::Cpu)?;
+        load_into(&lm.store, &tensors, &lm.model.buffers()?, &lm.aliases())?;
+        let trainer_path = dir.join(TRAINER_FILE);
+        let trainer = if trainer_path.exists() {
+            Some(read_safetensors(&trainer_path)?)
+        } else {
+            None
+        };
+        Ok((lm, trainer))
+    }
+}
+
+/// Serializes named tensors (any dtype candle stores) with metadata.
+fn serialize(state: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<Vec<u8>> {
+    let mut tmp = std::collections::BTreeMap::new();
+    for (k, v) in state {
+        tmp.insert(k.clone(), v.to_device(&Device::Cpu)?);
+    }
+    let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tmp
+        .iter()
+        .map(|(k, t)| -> Result<_> {
+            let (dt, bytes) = match t.dtype() {
+                DType::I64 => (
+                    safetensors::Dtype::I64,
+                    t.flatten_all()?
+                        .to_vec1::<i64>()?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+                _ => (
+                    safetensors::Dtype::F32,
+                    t.to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+            };
+            Ok((k.clone(), dt, t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(k, dt, shape, b)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::invalid(k.clone(), e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::invalid("trainer state", e.to_string()))
+}
+
+/// Draws one id from `logits: [V]`.
+fn sample(logits: &Tensor, temperature: f64, top_k: usize, rng: &mut StdRng) -> Result<u32> {
+    let v: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            what: "logits during generation".into(),
+        });
+    }
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
+                if x > b.1 {
+                    (i, x)
+                } else {
+                    b
+                }
+            })
+            .0 as u32
+    };
+    if temperature <= 0.0 {
+        return Ok(argmax(&v));
+    }
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let m = v[order[0]] as f64;
+    let w: Vec<f64> = order
+        .iter()
+        .map(|&i| ((v[i] as f64 - m) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (&i, wi) in order.iter().zip(&w) {
+        if u < *wi {
+            return Ok(i as u32);
+        }
+        u -= wi;
+    }
+    Ok(order[order.len() - 1] as u32)
+}
