@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use xtask::parity::{run_all, TolMode};
 
-const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...";
+const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...
+       cargo xtask export-check [--python PATH] [--checkpoint DIR] [--out DIR] [--tolerance strict|default]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -15,6 +16,7 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "parity" => parity(&args[1..]),
         "bench" => xtask::bench::main(&args[1..]),
+        "export-check" => xtask::export_check::main(&args[1..]),
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
 }

@@ -56,6 +56,56 @@ impl Technique {
     }
 }
 
+impl Technique {
+    /// Every technique, in the order of the DeepNet comparison.
+    pub const ALL: [Technique; 5] = [
+        Technique::PostLn,
+        Technique::PreLn,
+        Technique::DeepNorm,
+        Technique::SubLn,
+        Technique::Admin,
+    ];
+
+    /// The command-line name: `post-ln`, `pre-ln`, `deepnorm`, `subln`, `admin`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Technique::PostLn => "post-ln",
+            Technique::PreLn => "pre-ln",
+            Technique::DeepNorm => "deepnorm",
+            Technique::SubLn => "subln",
+            Technique::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Technique {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Technique {
+    type Err = torchscale_core::Error;
+
+    /// Parses [`Technique::name`]; `magneto` is accepted for `subln`, `deepnet` for `deepnorm`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "post-ln" | "postln" => Technique::PostLn,
+            "pre-ln" | "preln" => Technique::PreLn,
+            "deepnorm" | "deepnet" => Technique::DeepNorm,
+            "subln" | "sub-ln" | "magneto" => Technique::SubLn,
+            "admin" => Technique::Admin,
+            other => {
+                return Err(torchscale_core::Error::config(
+                    "stabilizer",
+                    format!("unknown technique `{other}` (post-ln, pre-ln, deepnorm, subln, admin)"),
+                ))
+            }
+        };
+        Ok(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +117,15 @@ mod tests {
         Technique::SubLn,
         Technique::Admin,
     ];
+
+    #[test]
+    fn names_parse_back() {
+        for t in Technique::ALL {
+            assert_eq!(t.name().parse::<Technique>().unwrap(), t);
+        }
+        assert_eq!("magneto".parse::<Technique>().unwrap(), Technique::SubLn);
+        assert!("layernorm".parse::<Technique>().is_err());
+    }
 
     #[test]
     fn flags_round_trip() {
