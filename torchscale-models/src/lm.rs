@@ -69,6 +69,16 @@ impl std::fmt::Debug for LanguageModel {
     }
 }
 
+/// The trainer's part of a checkpoint (`trainer.safetensors`): the optimiser state and step as
+/// tensors, and free-form metadata such as the run's settings.
+#[derive(Debug, Clone, Default)]
+pub struct TrainerFile {
+    /// Named tensors (see `Trainer::state`).
+    pub tensors: HashMap<String, Tensor>,
+    /// Header metadata.
+    pub metadata: HashMap<String, String>,
+}
+
 /// Loss settings of a training micro-batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossConfig {
@@ -222,11 +232,7 @@ impl LanguageModel {
 
     /// Saves the model (and, if given, a trainer state with its metadata) as a checkpoint folder,
     /// replacing any previous one atomically.
-    pub fn save(
-        &self,
-        dir: &Path,
-        trainer: Option<(&HashMap<String, Tensor>, HashMap<String, String>)>,
-    ) -> Result<()> {
+    pub fn save(&self, dir: &Path, trainer: Option<&TrainerFile>) -> Result<()> {
         let config = serde_json::to_string_pretty(&self.cfg)
             .map_err(|e| Error::invalid("config", e.to_string()))?;
         let meta = HashMap::from([
@@ -245,8 +251,8 @@ impl LanguageModel {
         checkpoint_dir::save_atomic(dir, |tmp| {
             save_file(&self.store, &buffers, &aliases, meta, &tmp.join(MODEL_FILE))?;
             std::fs::write(tmp.join(CONFIG_FILE), &config)?;
-            if let Some((state, meta)) = trainer {
-                let bytes = serialize(state, meta)?;
+            if let Some(tf) = trainer {
+                let bytes = serialize(&tf.tensors, tf.metadata.clone())?;
                 std::fs::write(tmp.join(TRAINER_FILE), bytes)?;
             }
             Ok(())
@@ -255,13 +261,7 @@ impl LanguageModel {
 
     /// Loads a checkpoint folder saved by [`LanguageModel::save`] (or a torchscale state_dict
     /// exported the same way): the model, and the trainer state and metadata if present.
-    #[allow(clippy::type_complexity)]
-    pub fn load(
-        dir: &Path,
-    ) -> Result<(
-        Self,
-        Option<(HashMap<String, Tensor>, HashMap<String, String>)>,
-    )> {
+    pub fn load(dir: &Path) -> Result<(Self, Option<TrainerFile>)> {
         let dir = checkpoint_dir::resolve(dir)?;
         let cfg_path = dir.join(CONFIG_FILE);
         let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File {
@@ -279,7 +279,8 @@ impl LanguageModel {
         load_into(&lm.store, &tensors, &lm.model.buffers()?, &lm.aliases())?;
         let trainer_path = dir.join(TRAINER_FILE);
         let trainer = if trainer_path.exists() {
-            Some(read_safetensors(&trainer_path)?)
+            let (tensors, metadata) = read_safetensors(&trainer_path)?;
+            Some(TrainerFile { tensors, metadata })
         } else {
             None
         };

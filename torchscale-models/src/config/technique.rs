@@ -98,7 +98,9 @@ impl std::str::FromStr for Technique {
             other => {
                 return Err(torchscale_core::Error::config(
                     "stabilizer",
-                    format!("unknown technique `{other}` (post-ln, pre-ln, deepnorm, subln, admin)"),
+                    format!(
+                        "unknown technique `{other}` (post-ln, pre-ln, deepnorm, subln, admin)"
+                    ),
                 ))
             }
         };
