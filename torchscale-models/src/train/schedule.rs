@@ -35,6 +35,34 @@ impl InverseSqrt {
     }
 }
 
+/// Published settings (SPEC.md sections 6 and 7).
+impl InverseSqrt {
+    /// fairseq's IWSLT recipe used in the DeepNet instability study: peak 5e-4 after 4,000
+    /// warm-up updates starting from 1e-7.
+    pub fn deepnet_iwslt() -> Self {
+        Self {
+            warmup_init_lr: 1e-7,
+            ..Self::new(5e-4, 4000)
+        }
+    }
+
+    /// DeepNet's large-batch WMT recipe: peak 1.5e-3, 4,000 warm-up updates.
+    pub fn deepnet_wmt_huge() -> Self {
+        Self {
+            warmup_init_lr: 1e-7,
+            ..Self::new(1.5e-3, 4000)
+        }
+    }
+
+    /// admin-torch's regular-batch WMT recipe: peak 1e-3, 8,000 warm-up updates.
+    pub fn admin_wmt_regular() -> Self {
+        Self {
+            warmup_init_lr: 1e-7,
+            ..Self::new(1e-3, 8000)
+        }
+    }
+}
+
 impl LrSchedule for InverseSqrt {
     fn lr(&self, step: u64) -> f64 {
         let w = self.warmup_updates;
@@ -157,6 +185,19 @@ mod tests {
         let s = InverseSqrt::new(1e-3, 0);
         close(s.lr(0), 1e-3);
         close(s.lr(4), 5e-4);
+    }
+
+    #[test]
+    fn paper_recipes() {
+        let s = InverseSqrt::deepnet_iwslt();
+        close(s.lr(0), 1e-7);
+        close(s.lr(4000), 5e-4);
+        // 5e-4 * sqrt(4000 / 10000)
+        close(s.lr(10000), 5e-4 * 0.4f64.sqrt());
+        close(InverseSqrt::deepnet_wmt_huge().lr(4000), 1.5e-3);
+        close(InverseSqrt::deepnet_wmt_huge().lr(16000), 7.5e-4);
+        close(InverseSqrt::admin_wmt_regular().lr(8000), 1e-3);
+        close(InverseSqrt::admin_wmt_regular().lr(32000), 5e-4);
     }
 
     #[test]

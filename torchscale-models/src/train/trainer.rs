@@ -225,7 +225,8 @@ impl Trainer {
             return Err(Error::invalid("micro-batches", "contain no target tokens"));
         }
         let mut grads = acc.finish_scaled(1.0 / ntokens as f64)?;
-        let lr = self.schedule.lr(self.opt.num_updates() + 1);
+        // fairseq sets the rate of the next update from the updates done so far.
+        let lr = self.schedule.lr(self.opt.num_updates());
         let mut report = StepReport {
             step,
             nll: nll / ntokens as f64,
