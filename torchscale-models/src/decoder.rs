@@ -196,6 +196,12 @@ impl Decoder {
         crate::randomness::reseed_layers(&self.layers, seed, 1048576);
     }
 
+    /// Rescales every X-MoE gate's `wg` rows to norm 1.5 in place, as torchscale does before each
+    /// forward; call it before each training forward to follow torchscale's training dynamics.
+    pub fn renormalize_gates(&self) -> Result<()> {
+        crate::randomness::renormalize_gates(&self.layers)
+    }
+
     /// The parameters of this stack's MoE experts (empty for a dense stack).
     pub fn expert_parameters(&self) -> Vec<Tensor> {
         crate::randomness::expert_parameters(&self.layers)

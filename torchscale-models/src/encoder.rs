@@ -151,6 +151,11 @@ impl Encoder {
         crate::randomness::reseed_layers(&self.layers, seed, 0);
     }
 
+    /// Rescales every X-MoE gate's `wg` rows to norm 1.5 in place (see [`crate::decoder::Decoder::renormalize_gates`]).
+    pub fn renormalize_gates(&self) -> Result<()> {
+        crate::randomness::renormalize_gates(&self.layers)
+    }
+
     /// The parameters of this stack's MoE experts (empty for a dense stack).
     pub fn expert_parameters(&self) -> Vec<Tensor> {
         crate::randomness::expert_parameters(&self.layers)

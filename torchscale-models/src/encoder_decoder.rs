@@ -109,6 +109,12 @@ impl EncoderDecoder {
         self.decoder.reseed(seed);
     }
 
+    /// Rescales the X-MoE gates of both stacks (see [`Decoder::renormalize_gates`]).
+    pub fn renormalize_gates(&self) -> Result<()> {
+        self.encoder.renormalize_gates()?;
+        self.decoder.renormalize_gates()
+    }
+
     /// The MoE expert parameters of both stacks.
     pub fn expert_parameters(&self) -> Vec<Tensor> {
         let mut v = self.encoder.expert_parameters();

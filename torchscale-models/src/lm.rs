@@ -144,7 +144,7 @@ impl LanguageModel {
     }
 
     /// One micro-batch: `input`/`target` `[B, T]` ids. In training mode the model is first reseeded
-    /// from `seed` (dropout, MoE draws). The returned loss is summed over non-padding targets, with
+    /// from `seed` (dropout, MoE draws) and its X-MoE gates are rescaled as torchscale does. The returned loss is summed over non-padding targets, with
     /// `moe_loss_weight * ntokens * mean(l_aux)` added as fairseq's MoE criterion does.
     pub fn micro_batch(
         &self,
@@ -156,6 +156,7 @@ impl LanguageModel {
     ) -> Result<MicroBatch> {
         if train {
             self.model.reseed(seed);
+            self.model.renormalize_gates()?;
         }
         let out = self.model.forward(
             input,

@@ -1,6 +1,6 @@
 //! What a trainer needs from a model besides `forward`: reseeding every random draw (dropout
 //! masks, MoE second-expert draws) so that a step is a function of (run seed, step), and the
-//! expert parameters that SparseClip treats apart.
+//! expert parameters that SparseClip treats apart, and torchscale's per-forward gate rescale.
 
 use candle_core::Tensor;
 use torchscale_core::dropout::seed_dropout;
@@ -25,6 +25,17 @@ pub(crate) fn reseed_layers(layers: &[Layer], seed: u64, offset: u64) {
             m.router().reseed(mix_seed(seed, offset + i as u64 + 1));
         }
     }
+}
+
+/// torchscale's in-place rescale of every X-MoE gate's `wg` to row norm 1.5, which its gate does
+/// at the start of each forward (it sets the gradient scale of `wg`).
+pub(crate) fn renormalize_gates(layers: &[Layer]) -> torchscale_core::Result<()> {
+    for l in layers {
+        if let FfnBlock::Moe(m) = l.ffn() {
+            m.renormalize_gate()?;
+        }
+    }
+    Ok(())
 }
 
 /// The expert parameters of every MoE layer in `layers`.
