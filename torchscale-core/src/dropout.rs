@@ -27,7 +27,7 @@ pub fn seed_dropout(seed: u64) {
 fn uniforms(n: usize) -> Vec<f32> {
     MASK_RNG.with(|r| {
         let mut r = r.borrow_mut();
-        let g = r.get_or_insert_with(|| StdRng::from_os_rng());
+        let g = r.get_or_insert_with(StdRng::from_os_rng);
         (0..n).map(|_| g.random::<f32>()).collect()
     })
 }
