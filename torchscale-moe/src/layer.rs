@@ -178,6 +178,10 @@ impl MoeLayer {
         routing: &Routing,
         train: bool,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::experts_forward(&self.experts, x, routing, train);
+        }
         if plan.num_kept() == 0 {
             return Ok(x.zeros_like()?);
         }

@@ -38,6 +38,8 @@
 pub mod balance_loss;
 pub mod capacity;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dispatch;
 pub mod layer;
 pub mod parallel;

@@ -4,6 +4,7 @@
 pub mod admin_case;
 pub mod bench;
 pub mod clip_case;
+pub mod cuda;
 pub mod export_check;
 pub mod golden;
 pub mod grad_case;

@@ -1,0 +1,185 @@
+//! `cargo xtask cuda build|run`: the reproducible CUDA build on a machine without a GPU, and
+//! running what it packed on the GPU machine.
+//!
+//! `build` installs the pinned CUDA 13.0 toolkit from PyPI into `target/cuda-sdk/venv`, writes
+//! the link folder `target/cuda-sdk/link` (see [`toolkit::Toolkit::ensure_link_dir`]), builds
+//! the `cuda_*` tests and examples of torchscale-moe with `--features cuda` in release into
+//! `target/cuda` (never touching the CPU builds in `target/`), and packs them stripped and
+//! xz-compressed with `run.sh` into `target/cuda-carry` (carry that folder to the GPU machine).
+//! `run` executes `run.sh` there: unxz, `LD_LIBRARY_PATH` at the pip CUDA 13 libraries, the
+//! tests, then the benchmarks. On a machine without cargo, `bash target/cuda-carry/run.sh`
+//! does the same.
+
+pub mod pack;
+pub mod toolkit;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use toolkit::Toolkit;
+
+/// Usage of `cargo xtask cuda`.
+pub const USAGE: &str =
+    "cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]";
+
+/// GPU compute capability the build targets (H100/H200).
+pub const COMPUTE_CAP: &str = "90";
+/// cudarc's CUDA API level, pinned to the GPU machines' driver (CUDA 13.0).
+pub const CUDARC_VERSION: &str = "13000";
+
+/// The workspace root (the parent of xtask/).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(Path::to_path_buf).unwrap_or(here)
+}
+
+/// Entry point: `args` after `cuda`.
+pub fn main(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    let mut dir = root.join("target/cuda-carry");
+    let mut what = "all".to_string();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" | "--dir" => {
+                dir = PathBuf::from(it.next().context("--out/--dir takes a folder")?)
+            }
+            "tests" | "bench" | "all" => what = a.clone(),
+            other => bail!("unknown argument `{other}`\nusage: {USAGE}"),
+        }
+    }
+    match args.first().map(String::as_str) {
+        Some("build") => build(&root, &dir),
+        Some("run") => toolkit::run(Command::new("bash").arg(dir.join("run.sh")).arg(&what)),
+        _ => bail!("usage: {USAGE}"),
+    }
+}
+
+/// Installs the toolkit, builds and packs into `out`.
+pub fn build(root: &Path, out: &Path) -> Result<()> {
+    let tk = Toolkit {
+        base: root.join("target/cuda-sdk"),
+    };
+    let home = tk.ensure_installed()?;
+    let link = tk.ensure_link_dir(&home)?;
+    let bins = cargo_build(root, &home, &link)?;
+    if bins.is_empty() {
+        bail!("cargo built no cuda_* test or example");
+    }
+    let size = pack::pack(&bins, out)?;
+    for (kind, b) in &bins {
+        println!("{kind:5} {}", b.display());
+    }
+    println!(
+        "packed {} binaries into {} ({:.1} MiB); carry it and run `bash {}/run.sh`",
+        bins.len(),
+        out.display(),
+        size as f64 / (1024.0 * 1024.0),
+        out.strip_prefix(root).unwrap_or(out).display()
+    );
+    Ok(())
+}
+
+/// The environment of a CUDA build: nvcc on PATH, CUDA_HOME, the compute capability, cudarc's
+/// API level, the link folder on LIBRARY_PATH and the separate target dir.
+pub fn cuda_command(root: &Path, home: &Path, link: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let path = std::env::var("PATH").unwrap_or_default();
+    let lib = std::env::var("LIBRARY_PATH").unwrap_or_default();
+    let join = |a: &Path, rest: &str| {
+        if rest.is_empty() {
+            a.display().to_string()
+        } else {
+            format!("{}:{rest}", a.display())
+        }
+    };
+    cmd.current_dir(root)
+        .env("CUDA_HOME", home)
+        .env("PATH", join(&home.join("bin"), &path))
+        .env("CUDA_COMPUTE_CAP", COMPUTE_CAP)
+        .env("CUDARC_CUDA_VERSION", CUDARC_VERSION)
+        .env("LIBRARY_PATH", join(link, &lib))
+        .env("CARGO_TARGET_DIR", root.join("target/cuda"));
+    cmd
+}
+
+/// Builds the `cuda_*` tests and examples of torchscale-moe; returns `(kind, path)` with kind
+/// `tests` or `bench`.
+fn cargo_build(root: &Path, home: &Path, link: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut cmd = cuda_command(root, home, link);
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "torchscale-moe",
+        "--features",
+        "cuda",
+    ])
+    .args([
+        "--tests",
+        "--examples",
+        "--message-format=json-render-diagnostics",
+    ])
+    .stdout(Stdio::piped());
+    let output = cmd.spawn()?.wait_with_output()?;
+    if !output.status.success() {
+        bail!("the CUDA build failed ({})", output.status);
+    }
+    artifacts(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// The `cuda_*` executables in cargo's JSON messages.
+pub fn artifacts(json_lines: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for line in json_lines.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str())
+        else {
+            continue;
+        };
+        if !name.starts_with("cuda_") {
+            continue;
+        }
+        let is_example = v["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|x| x == "example"));
+        let kind = if is_example { "bench" } else { "tests" };
+        out.push((kind.to_string(), PathBuf::from(exe)));
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_cuda_executables_from_cargo_json() {
+        let lines = concat!(
+            r#"{"reason":"compiler-artifact","target":{"name":"cuda_kernels","kind":["test"]},"executable":"/t/cuda_kernels-1"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"name":"golden","kind":["test"]},"executable":"/t/golden-2"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"name":"cuda_bench","kind":["example"]},"executable":"/t/cuda_bench"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"name":"cuda_x","kind":["lib"]},"executable":null}"#,
+            "\nnot json\n"
+        );
+        let a = artifacts(lines).unwrap();
+        assert_eq!(
+            a,
+            vec![
+                ("bench".to_string(), PathBuf::from("/t/cuda_bench")),
+                ("tests".to_string(), PathBuf::from("/t/cuda_kernels-1")),
+            ]
+        );
+    }
+}
