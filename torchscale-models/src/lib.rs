@@ -44,9 +44,9 @@ pub mod train;
 
 pub use build::BuildOptions;
 pub use config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig, Technique};
+pub use data::ByteCorpus;
 pub use decoder::{Decoder, DecoderInputs, DecoderOutput, IncrementalState, Memory};
 pub use encoder::{Encoder, EncoderInputs, EncoderOutput};
 pub use encoder_decoder::EncoderDecoder;
-pub use data::ByteCorpus;
 pub use lm::LanguageModel;
 pub use train::Trainer;

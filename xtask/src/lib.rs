@@ -9,3 +9,4 @@ pub mod export_check;
 pub mod golden;
 pub mod grad_case;
 pub mod parity;
+pub mod stability;

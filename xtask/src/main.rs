@@ -7,7 +7,8 @@ use xtask::parity::{run_all, TolMode};
 
 const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...
        cargo xtask export-check [--python PATH] [--checkpoint DIR] [--out DIR] [--tolerance strict|default]
-       cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]";
+       cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]
+       cargo xtask stability [--quick] [--layers N] [--dim D] [--steps S] [--lr X] [--warmup W] [--batch B] [--seq T] [--techniques a,b,..] [--seed N] [--out DIR]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +19,7 @@ fn main() -> Result<()> {
         "parity" => parity(&args[1..]),
         "bench" => xtask::bench::main(&args[1..]),
         "export-check" => xtask::export_check::main(&args[1..]),
+        "stability" => xtask::stability::main(&args[1..]),
         "cuda" => xtask::cuda::main(&args[1..]),
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
