@@ -34,6 +34,7 @@ use torchscale_models::train::{
 
 /// Everything that defines a run; saved in the checkpoint so `--resume` continues the same run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 struct RunArgs {
     data: PathBuf,
     stabilizer: String,
@@ -56,6 +57,7 @@ struct RunArgs {
     moe_loss_weight: f64,
     update_freq: usize,
     seed: u64,
+    scale_embedding: bool,
 }
 
 impl Default for RunArgs {
@@ -82,6 +84,7 @@ impl Default for RunArgs {
             moe_loss_weight: 0.01,
             update_freq: 1,
             seed: 1,
+            scale_embedding: true,
         }
     }
 }
@@ -117,6 +120,8 @@ usage: train_lm [options]
   --moe-loss-weight X     balance loss weight (0.01)
   --update-freq N         micro-batches per step (1)
   --seed N                (1)
+  --no-scale-embedding    leave token embeddings unscaled (torchscale's no_scale_embedding);
+                          by default they are scaled by sqrt(dim) to match the N(0, 1) positions
   --eval-every N --save-every N            (100, 100)
   --sample-len N --prompt TEXT --temperature X      final sample (300, \"And God said\", 0.8)";
 
@@ -149,6 +154,11 @@ fn parse() -> Result<(RunArgs, Session, Vec<String>)> {
         }
         if flag == "--resume" {
             s.resume = true;
+            continue;
+        }
+        if flag == "--no-scale-embedding" {
+            a.scale_embedding = false;
+            given.push(flag);
             continue;
         }
         let v = it
@@ -207,6 +217,7 @@ fn model_config(a: &RunArgs) -> Result<DecoderConfig> {
         .with_layers(a.layers)
         .with_max_positions(a.seq.max(512))
         .with_share_input_output_embed(true)
+        .with_scale_embedding(a.scale_embedding)
         .with_dropout(a.dropout)
         .with_attention_dropout(a.attention_dropout)
         .with_technique(technique);
