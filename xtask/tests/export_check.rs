@@ -33,7 +33,8 @@ fn saved(name: &str, seed: u64) -> (Checkpoint, PathBuf) {
     let (cfg, learned) = case(name);
     let ck = Checkpoint::new(cfg, learned, seed).unwrap();
     ck.perturb_norms(seed + 1).unwrap();
-    let dir = tmp(name);
+    // One folder per (case, seed): tests run in parallel and several save the same case.
+    let dir = tmp(&format!("{name}-{seed}"));
     ck.save(&dir).unwrap();
     (ck, dir)
 }
