@@ -116,16 +116,14 @@ pub fn load_file(
     load_into(store, &tensors, buffers, aliases)
 }
 
-/// Writes the parameters of `store`, the `buffers` and the tied `aliases` (alias key, source key)
-/// to `path` atomically: a temporary file in the same folder, synced, then renamed, so a crash never
-/// leaves a half-written checkpoint in place of the previous one. `metadata` goes in the header.
-pub fn save_file(
+/// The tensors a checkpoint of `store` holds: every parameter, the `buffers`, and a copy of each
+/// tied parameter under its alias (`aliases`: alias key, source key), as torchscale's state_dict
+/// lists tied weights under both names.
+pub fn state_tensors(
     store: &ParamStore,
     buffers: &[(String, Tensor)],
     aliases: &[(&str, &str)],
-    metadata: HashMap<String, String>,
-    path: &Path,
-) -> Result<()> {
+) -> Vec<(String, Tensor)> {
     let mut tensors: Vec<(String, Tensor)> = store
         .named_vars()
         .into_iter()
@@ -137,34 +135,65 @@ pub fn save_file(
             tensors.push((alias.to_string(), v.as_tensor().clone()));
         }
     }
-    let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = tensors
+    tensors
+}
+
+/// safetensors bytes of `tensors` (on any device) with `metadata` in the header. Integer tensors
+/// (u8, u32, i64) keep their dtype; floating-point ones are stored as f32, torchscale's dtype.
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    fn le<T: Copy>(v: Vec<T>, bytes: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
+        v.into_iter().flat_map(bytes).collect()
+    }
+    let data: Vec<(&str, safetensors::Dtype, &[usize], Vec<u8>)> = tensors
         .iter()
         .map(|(k, t)| -> Result<_> {
-            let t = t
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?;
-            let v: Vec<f32> = t.to_vec1()?;
-            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Ok((k.clone(), bytes, Vec::new(), safetensors::Dtype::F32))
+            let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
+            let (dt, bytes) = match flat.dtype() {
+                DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
+                DType::U32 => (
+                    safetensors::Dtype::U32,
+                    le(flat.to_vec1::<u32>()?, |x| x.to_le_bytes().to_vec()),
+                ),
+                DType::I64 => (
+                    safetensors::Dtype::I64,
+                    le(flat.to_vec1::<i64>()?, |x| x.to_le_bytes().to_vec()),
+                ),
+                _ => (
+                    safetensors::Dtype::F32,
+                    le(flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, |x| {
+                        x.to_le_bytes().to_vec()
+                    }),
+                ),
+            };
+            Ok((k.as_str(), dt, t.dims(), bytes))
         })
         .collect::<Result<_>>()?;
-    let shapes: HashMap<&str, Vec<usize>> = tensors
+    let views = data
         .iter()
-        .map(|(k, t)| (k.as_str(), t.dims().to_vec()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(k, b, _, dt)| {
-            let view = safetensors::tensor::TensorView::new(*dt, shapes[k.as_str()].clone(), b)
-                .map_err(|e| Error::invalid(k.clone(), e.to_string()))?;
-            Ok((k.clone(), view))
+        .map(|(k, dt, shape, b)| {
+            safetensors::tensor::TensorView::new(*dt, shape.to_vec(), b)
+                .map(|v| (k.to_string(), v))
+                .map_err(|e| Error::invalid(k.to_string(), e.to_string()))
         })
-        .collect::<Result<_>>()?;
-    let file_err = |reason: String| Error::File {
-        path: path.display().to_string(),
-        reason,
-    };
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::invalid("safetensors", e.to_string()))
+}
+
+/// Writes the parameters of `store`, the `buffers` and the tied `aliases` (alias key, source key)
+/// to `path` atomically: a temporary file in the same folder, synced, then renamed, so a crash never
+/// leaves a half-written checkpoint in place of the previous one. `metadata` goes in the header.
+pub fn save_file(
+    store: &ParamStore,
+    buffers: &[(String, Tensor)],
+    aliases: &[(&str, &str)],
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let bytes = serialize(&state_tensors(store, buffers, aliases), metadata)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -175,8 +204,6 @@ pub fn save_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let bytes =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| file_err(e.to_string()))?;
     write_atomic(&tmp, path, &bytes)
 }
 

@@ -35,7 +35,7 @@ use torchscale_core::init::ParamStore;
 use torchscale_core::{Error, Result};
 
 use crate::build::BuildOptions;
-use crate::checkpoint::{load_into, read_safetensors, save_file};
+use crate::checkpoint::{load_into, read_safetensors, serialize, state_tensors};
 use crate::checkpoint_dir;
 use crate::config::DecoderConfig;
 use crate::data::{BOS, PAD};
@@ -247,13 +247,27 @@ impl LanguageModel {
                 "torchscale-rs checkpoint 1".to_string(),
             ),
         ]);
-        let buffers = self.model.buffers()?;
-        let aliases = self.aliases();
+        let model = serialize(
+            &state_tensors(&self.store, &self.model.buffers()?, &self.aliases()),
+            meta,
+        )?;
+        let trainer = match trainer {
+            Some(tf) => {
+                let mut state: Vec<(String, Tensor)> = tf
+                    .tensors
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.clone()))
+                    .collect();
+                state.sort_by(|a, b| a.0.cmp(&b.0));
+                Some(serialize(&state, tf.metadata.clone())?)
+            }
+            None => None,
+        };
+        // The folder as a whole is swapped in atomically, so its files are written plainly.
         checkpoint_dir::save_atomic(dir, |tmp| {
-            save_file(&self.store, &buffers, &aliases, meta, &tmp.join(MODEL_FILE))?;
+            std::fs::write(tmp.join(MODEL_FILE), &model)?;
             std::fs::write(tmp.join(CONFIG_FILE), &config)?;
-            if let Some(tf) = trainer {
-                let bytes = serialize(&tf.tensors, tf.metadata.clone())?;
+            if let Some(bytes) = &trainer {
                 std::fs::write(tmp.join(TRAINER_FILE), bytes)?;
             }
             Ok(())
@@ -287,49 +301,6 @@ impl LanguageModel {
         };
         Ok((lm, trainer))
     }
-}
-
-/// Serializes named tensors (any dtype candle stores) with metadata.
-fn serialize(state: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<Vec<u8>> {
-    let mut tmp = std::collections::BTreeMap::new();
-    for (k, v) in state {
-        tmp.insert(k.clone(), v.to_device(&Device::Cpu)?);
-    }
-    let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tmp
-        .iter()
-        .map(|(k, t)| -> Result<_> {
-            let (dt, bytes) = match t.dtype() {
-                DType::I64 => (
-                    safetensors::Dtype::I64,
-                    t.flatten_all()?
-                        .to_vec1::<i64>()?
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ),
-                _ => (
-                    safetensors::Dtype::F32,
-                    t.to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ),
-            };
-            Ok((k.clone(), dt, t.dims().to_vec(), bytes))
-        })
-        .collect::<Result<_>>()?;
-    let views = data
-        .iter()
-        .map(|(k, dt, shape, b)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::invalid(k.clone(), e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::invalid("trainer state", e.to_string()))
 }
 
 /// Draws one id from `logits: [V]`.

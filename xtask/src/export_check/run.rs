@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Tensor};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use torchscale_models::decoder::DecoderInputs;
 use torchscale_models::encoder::EncoderInputs;
 
@@ -81,41 +81,7 @@ pub fn write_ours(
     let ckpt = std::fs::canonicalize(checkpoint)
         .with_context(|| format!("checkpoint folder {}", checkpoint.display()))?;
     let meta = HashMap::from([("checkpoint".to_string(), ckpt.display().to_string())]);
-    let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = all
-        .iter()
-        .map(|(k, t)| -> Result<_> {
-            let t = t.flatten_all()?;
-            let (bytes, dt): (Vec<u8>, _) = match t.dtype() {
-                DType::I64 => (
-                    t.to_vec1::<i64>()?
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                    safetensors::Dtype::I64,
-                ),
-                DType::U8 => (t.to_vec1::<u8>()?, safetensors::Dtype::U8),
-                _ => (
-                    t.to_dtype(DType::F32)?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                    safetensors::Dtype::F32,
-                ),
-            };
-            Ok((k.clone(), bytes, vec![], dt))
-        })
-        .collect::<Result<_>>()?;
-    let views = data
-        .iter()
-        .zip(&all)
-        .map(|((k, b, _, dt), (_, t))| {
-            let v = safetensors::tensor::TensorView::new(*dt, t.dims().to_vec(), b)
-                .map_err(|e| anyhow!("{k}: {e}"))?;
-            Ok((k.clone(), v))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(meta))?;
+    let bytes = torchscale_models::checkpoint::serialize(&all, meta)?;
     std::fs::write(work.join(OURS_FILE), bytes)
         .with_context(|| format!("writing {}", work.join(OURS_FILE).display()))?;
     Ok(())
