@@ -55,7 +55,8 @@ impl Activation {
         };
         let y = match self {
             Activation::Relu => xf.relu()?,
-            Activation::Gelu => xf.gelu_erf()?,
+            // The fused kernel has a one-pass backward; candle's builds six temporaries.
+            Activation::Gelu => return Ok(torchscale_kernels::gelu_erf(x)?),
             Activation::Swish => xf.silu()?,
         };
         Ok(y.to_dtype(dtype)?)

@@ -1,10 +1,11 @@
-//! LayerNorm composed from primitive ops, so that its backward works.
+//! `torch.nn.LayerNorm` with a working backward.
 //!
 //! candle's fused `ops::layer_norm` (used by `candle_nn::LayerNorm`) has no backward: the graph is
-//! cut silently. This one matches `torch.nn.LayerNorm` (biased variance, affine) and computes its
-//! statistics in f32 whatever the input dtype.
+//! cut silently. This one runs torchscale-kernels' fused LayerNorm (its own backward) on the CPU
+//! and composed candle ops elsewhere; both match `torch.nn.LayerNorm` (biased variance, affine)
+//! and compute the statistics in f32 whatever the input dtype.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::Result;
@@ -40,22 +41,15 @@ impl LayerNorm {
         &self.bias
     }
 
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension: the fused kernel with its own backward on the CPU
+    /// (`torchscale_kernels::layer_norm`), composed candle ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = if dtype == DType::F32 || dtype == DType::F64 {
-            x.clone()
-        } else {
-            x.to_dtype(DType::F32)?
-        };
-        let mean = xf.mean_keepdim(D::Minus1)?;
-        let centred = xf.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let w = self.weight.to_dtype(normed.dtype())?;
-        let b = self.bias.to_dtype(normed.dtype())?;
-        let y = normed.broadcast_mul(&w)?.broadcast_add(&b)?;
-        Ok(y.to_dtype(dtype)?)
+        Ok(torchscale_kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 

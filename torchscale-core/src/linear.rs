@@ -39,7 +39,8 @@ pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) ->
     Ok(Linear::new(w, None))
 }
 
-/// `x @ w^T (+ b)` for any leading dimensions.
+/// `x @ w^T (+ b)` for any leading dimensions: one fused matrix product over all rows on the CPU
+/// (`torchscale_kernels::linear`), candle_nn's `Linear` elsewhere.
 pub fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    Ok(candle_core::Module::forward(l, x)?)
+    Ok(torchscale_kernels::linear(x, l.weight(), l.bias())?)
 }

@@ -162,7 +162,7 @@ impl Args {
         if sentences < 1000 {
             bail!("only {sentences} distinct sentences: raise --words or --max-len");
         }
-        if self.dim % 4 != 0 {
+        if !self.dim.is_multiple_of(4) {
             bail!("--dim must be a multiple of the 4 heads");
         }
         Ok(())

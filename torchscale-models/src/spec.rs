@@ -66,7 +66,7 @@ pub struct StackSpec {
 impl StackSpec {
     /// Whether layer `i` is an MoE layer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        matches!(&self.moe, Some(m) if m.freq > 0 && (i + 1) % m.freq == 0)
+        matches!(&self.moe, Some(m) if m.freq > 0 && (i + 1).is_multiple_of(m.freq))
     }
 
     /// Drop-path rate of layer `i`.

@@ -133,7 +133,7 @@ pub fn local_experts(
     world: usize,
     rank: usize,
 ) -> Result<std::ops::Range<usize>> {
-    if world == 0 || num_experts % world != 0 {
+    if world == 0 || !num_experts.is_multiple_of(world) {
         return Err(Error::config(
             "moe_expert_count",
             format!("{num_experts} experts cannot be split evenly over {world} ranks"),

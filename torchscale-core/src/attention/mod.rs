@@ -5,7 +5,7 @@ pub mod cache;
 pub mod relpos;
 pub mod xpos;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use candle_nn::{Linear, VarBuilder};
 
 pub use cache::KvCache;
@@ -90,7 +90,7 @@ impl MultiheadAttention {
     /// Builds the module under `vb`.
     pub fn new(cfg: AttentionConfig, gains: AttentionGains, vb: VarBuilder) -> Result<Self> {
         let c = cfg.embed_dim;
-        if cfg.num_heads == 0 || c % cfg.num_heads != 0 {
+        if cfg.num_heads == 0 || !c.is_multiple_of(cfg.num_heads) {
             return Err(Error::config(
                 "attention_heads",
                 format!("embed dim {c} is not divisible by {} heads", cfg.num_heads),
@@ -113,7 +113,7 @@ impl MultiheadAttention {
         };
         let xpos = match cfg.xpos_scale_base {
             Some(base) if cfg.self_attention => {
-                if head_dim % 2 != 0 {
+                if !head_dim.is_multiple_of(2) {
                     return Err(Error::config(
                         "xpos_rel_pos",
                         format!("xPos needs an even head dim, got {head_dim}"),
@@ -173,31 +173,9 @@ impl MultiheadAttention {
         let h = self.cfg.num_heads;
         let d = self.head_dim;
         let br = inputs.branch;
-        let heads = |x: Tensor, len: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(self.q_proj.apply(query, br, apply)?, t)?;
-        let mut k = heads(self.k_proj.apply(key_value, br, apply)?, s)?;
-        let mut v = heads(self.v_proj.apply(key_value, br, apply)?, s)?;
-        let incremental = cache.is_some();
-        if let Some(cache) = cache {
-            (k, v) = cache.append(&k, &v)?;
-        }
-        let src_len = k.dim(2)?;
-        let mut q = (q * (d as f64).powf(-0.5))?;
-        if let Some(xpos) = &self.xpos {
-            let offset = if incremental && !inputs.is_first_step {
-                src_len - 1
-            } else {
-                0
-            };
-            k = xpos.forward(&k, 0, true)?;
-            q = xpos.forward(&q, offset, false)?;
-        }
-        let mut scores = q.matmul(&k.t()?)?; // [B, H, T, S]
-        let dtype = scores.dtype();
+        // The masks are checked here, once, whichever path computes the attention.
+        let src_len = s + cache.as_ref().map_or(0, |c| c.len());
         if let Some(mask) = inputs.attn_mask {
-            let mask = mask.to_dtype(dtype)?;
             if mask.dims() != [t, src_len] {
                 return Err(Error::shape(
                     "attn_mask",
@@ -205,7 +183,6 @@ impl MultiheadAttention {
                     mask.dims(),
                 ));
             }
-            scores = scores.broadcast_add(&mask)?;
         }
         if let Some(kpm) = inputs.key_padding_mask {
             if kpm.dims() != [b, src_len] {
@@ -215,6 +192,117 @@ impl MultiheadAttention {
                     kpm.dims(),
                 ));
             }
+        }
+        // [B, T, H, d] views of the projections: no head-split copies.
+        let q = self.q_proj.apply(query, br, apply)?.reshape((b, t, h, d))?;
+        let k = self
+            .k_proj
+            .apply(key_value, br, apply)?
+            .reshape((b, s, h, d))?;
+        let v = self
+            .v_proj
+            .apply(key_value, br, apply)?
+            .reshape((b, s, h, d))?;
+        let out = if self.fused_core(inputs) {
+            self.core_fused(q, k, v, inputs, cache)?
+        } else {
+            self.core_composed(q, k, v, inputs, cache)?
+        };
+        let out = match &self.inner_attn_ln {
+            Some(ln) => ln.apply(&out, br, |ln, x| ln.forward(x))?,
+            None => out,
+        };
+        self.out_proj.apply(&out, br, apply)
+    }
+
+    /// The fused kernel covers everything but a relative position bias and attention dropout in
+    /// training.
+    fn fused_core(&self, inputs: &AttentionInputs) -> bool {
+        torchscale_kernels::fused_enabled()
+            && inputs.rel_pos.is_none()
+            && !(inputs.train && self.cfg.attention_dropout > 0.0)
+    }
+
+    /// Appends to the cache (kept `[B, H, S, d]`) and applies xPos; returns `[B, H, ., d]` views.
+    fn keys_and_queries(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: &AttentionInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Tensor, Tensor, bool)> {
+        let d = self.head_dim;
+        let (mut k, mut v) = (k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let incremental = cache.is_some();
+        if let Some(cache) = cache {
+            (k, v) = cache.append(&k, &v)?;
+        }
+        let mut q = q.transpose(1, 2)?;
+        let scaled = if let Some(xpos) = &self.xpos {
+            let src_len = k.dim(2)?;
+            let offset = if incremental && !inputs.is_first_step {
+                src_len - 1
+            } else {
+                0
+            };
+            k = xpos.forward(&k, 0, true)?;
+            q = xpos.forward(&(q * (d as f64).powf(-0.5))?, offset, false)?;
+            true
+        } else {
+            false
+        };
+        Ok((q, k, v, scaled))
+    }
+
+    fn core_fused(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: &AttentionInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (q, k, v, scaled) = self.keys_and_queries(q, k, v, inputs, cache)?;
+        let opts = torchscale_kernels::attention::AttentionOptions {
+            scale: if scaled {
+                1.0
+            } else {
+                (self.head_dim as f64).powf(-0.5)
+            },
+            attn_mask: inputs.attn_mask.cloned(),
+            key_padding_mask: inputs.key_padding_mask.cloned(),
+        };
+        Ok(torchscale_kernels::attention::attention(
+            &q.transpose(1, 2)?,
+            &k.transpose(1, 2)?,
+            &v.transpose(1, 2)?,
+            &opts,
+        )?)
+    }
+
+    /// torchscale's composed attention, kept for relative position bias and attention dropout.
+    fn core_composed(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: &AttentionInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, h, d) = q.dims4()?;
+        let (q, k, v, scaled) = self.keys_and_queries(q, k, v, inputs, cache)?;
+        let q = if scaled {
+            q
+        } else {
+            (q * (d as f64).powf(-0.5))?
+        };
+        let mut scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?; // [B, H, T, S]
+        let dtype = scores.dtype();
+        if let Some(mask) = inputs.attn_mask {
+            scores = scores.broadcast_add(&mask.to_dtype(dtype)?)?;
+        }
+        if let Some(kpm) = inputs.key_padding_mask {
             let masked = kpm.ne(0u32)?.unsqueeze(1)?.unsqueeze(1)?; // [B,1,1,S]
             let neg = Tensor::new(f32::NEG_INFINITY, scores.device())?
                 .to_dtype(dtype)?
@@ -232,25 +320,16 @@ impl MultiheadAttention {
         }
         let probs = softmax_f32(&scores)?;
         let probs = dropout(&probs, self.cfg.attention_dropout, inputs.train)?;
-        let out = probs.matmul(&v)?; // [B, H, T, d]
-        let out = out.transpose(1, 2)?.reshape((b, t, c))?;
-        let out = match &self.inner_attn_ln {
-            Some(ln) => ln.apply(&out, br, |ln, x| ln.forward(x))?,
-            None => out,
-        };
-        self.out_proj.apply(&out, br, apply)
+        let out = probs.matmul(&v.contiguous()?)?; // [B, H, T, d]
+        Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
     }
 }
 
-/// Softmax over the last dimension in f32 (composed ops, so it has a backward), cast back.
+/// Softmax over the last dimension in f32, cast back; fused with its backward on the CPU
+/// (`torchscale_kernels::softmax_last_dim`), composed candle ops elsewhere (candle's own fused
+/// softmax has no backward).
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = if dtype == DType::F64 {
-        x.clone()
-    } else {
-        x.to_dtype(DType::F32)?
-    };
-    Ok(candle_nn::ops::softmax(&xf, D::Minus1)?.to_dtype(dtype)?)
+    Ok(torchscale_kernels::softmax_last_dim(x)?)
 }
 
 /// The additive causal mask `[T, T]`: -inf strictly above the diagonal.

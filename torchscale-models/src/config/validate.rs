@@ -91,7 +91,7 @@ pub(crate) fn stack(
         ));
     }
     // torchscale floors d / H silently and then fails in a reshape; say why up front.
-    if embed_dim % heads != 0 {
+    if !embed_dim.is_multiple_of(heads) {
         return Err(Error::config(
             format!("{prefix}_attention_heads"),
             format!("{prefix}_embed_dim {embed_dim} is not divisible by {heads} heads"),
@@ -108,7 +108,7 @@ pub(crate) fn stack(
     }
     let head_dim = embed_dim / heads;
     // xPos rotates interleaved pairs of the head dimension.
-    if xpos_rel_pos && head_dim % 2 != 0 {
+    if xpos_rel_pos && !head_dim.is_multiple_of(2) {
         return Err(Error::config(
             "xpos_rel_pos",
             format!("needs an even head dimension, {prefix}_embed_dim / heads = {head_dim}"),

@@ -1,6 +1,6 @@
 //! Training losses: fairseq's label-smoothed cross entropy and the MoE balance loss.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use torchscale_core::{Error, Result};
 
 /// Summed losses of a batch, as fairseq's `label_smoothed_cross_entropy` criterion reports them.
@@ -53,41 +53,30 @@ pub fn label_smoothed_cross_entropy(
         ));
     }
     let targets = target_values(target)?;
-    let n = targets.len();
-    let mut mask = Vec::with_capacity(n);
-    let mut safe = Vec::with_capacity(n);
+    let mut classes = Vec::with_capacity(targets.len());
+    let mut ntokens = 0;
     for (i, &t) in targets.iter().enumerate() {
-        if ignore_index.is_some_and(|p| i64::from(p) == t) {
-            // Any valid index will do: the row is masked out.
-            mask.push(0f32);
-            safe.push(0u32);
-        } else if (0..v as i64).contains(&t) {
-            mask.push(1.0);
-            safe.push(t as u32);
-        } else {
+        let kept = ignore_index.is_none_or(|p| i64::from(p) != t);
+        if kept && !(0..v as i64).contains(&t) {
             return Err(Error::invalid(
                 "target",
                 format!("token {i} has class {t}, outside 0..{v}"),
             ));
         }
+        ntokens += usize::from(kept);
+        // A padding target is the ignore index itself, which fits in u32.
+        classes.push(t as u32);
     }
-    let dev = logits.device();
-    let mask = Tensor::from_vec(mask, n, dev)?;
-    let safe = Tensor::from_vec(safe, (n, 1), dev)?;
-    let lp =
-        candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?.reshape((n, v))?, D::Minus1)?;
-    let nll = (lp.gather(&safe, 1)?.squeeze(1)?.neg()? * &mask)?.sum_all()?;
-    let smooth = (lp.sum(1)?.neg()? * &mask)?.sum_all()?;
-    let eps_i = if epsilon > 0.0 {
-        epsilon / (v - 1) as f64
-    } else {
-        0.0
-    };
-    let loss = ((&nll * (1.0 - epsilon - eps_i))? + (smooth * eps_i)?)?;
-    let ntokens = mask.sum_all()?.to_scalar::<f32>()? as usize;
+    // [loss_sum, nll_sum] from the fused kernel (or its composed version off the CPU).
+    let sums = torchscale_kernels::cross_entropy::label_smoothed_ce(
+        &logits.reshape((classes.len(), v))?,
+        &classes,
+        epsilon,
+        ignore_index,
+    )?;
     Ok(SmoothedLoss {
-        loss_sum: loss,
-        nll_sum: nll,
+        loss_sum: sums.get(0)?,
+        nll_sum: sums.get(1)?,
         ntokens,
     })
 }
@@ -206,6 +195,27 @@ mod tests {
             .unwrap();
         assert!(g[2].iter().all(|x| *x == 0.0));
         assert!(g[0].iter().chain(&g[1]).all(|x| *x != 0.0));
+    }
+
+    #[test]
+    fn fused_and_composed_agree() {
+        let dev = Device::Cpu;
+        let logits = Var::randn(0f32, 2.0, (2, 3, 11), &dev).unwrap();
+        let target = Tensor::new(&[[3u32, 1, 10], [0, 1, 7]], &dev).unwrap();
+        let run = |fused: bool| {
+            torchscale_kernels::with_fused(fused, || {
+                let out = label_smoothed_cross_entropy(&logits, &target, 0.1, Some(1)).unwrap();
+                let total = ((&out.loss_sum * 0.7).unwrap() + &out.nll_sum).unwrap();
+                let g = total.backward().unwrap();
+                let g = g.get(&logits).unwrap().flatten_all().unwrap();
+                (scalar(&out.loss_sum), scalar(&out.nll_sum), out.ntokens, g)
+            })
+        };
+        let (f, c) = (run(true), run(false));
+        assert_eq!((f.2, c.2), (4, 4));
+        assert!((f.0 - c.0).abs() < 1e-5 * c.0.abs() && (f.1 - c.1).abs() < 1e-5 * c.1.abs());
+        let diff = (f.3 - c.3).unwrap().abs().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use torchscale_core::{Error, Result};
+use torchscale_kernels::adamw::{adamw_composed, adamw_update, AdamWStep};
+use torchscale_kernels::fused_enabled;
 
 /// AdamW hyper-parameters; the defaults are torchscale's fairseq recipes (betas 0.9, 0.98).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,15 +75,70 @@ pub fn default_decay(name: &str, shape: &[usize]) -> bool {
         .any(|t| t == "ln" || t.contains("norm"))
 }
 
-/// One parameter with its moments (f32) and its own update count, as PyTorch keeps them.
+/// A parameter's first and second moments (f32), in the form its update path uses.
+enum Moments {
+    /// Row-major host vectors, updated in place by the fused CPU kernel (no per-step allocation).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Tensors on the parameter's device, replaced by each composed update.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+impl std::fmt::Debug for Moments {
+    // Not the values: a parameter has millions.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Host { m, .. } => write!(f, "Host({} values)", m.len()),
+            Self::Tensors { m, .. } => write!(f, "Tensors({:?})", m.shape()),
+        }
+    }
+}
+
+/// One parameter with its moments and its own update count, as PyTorch keeps them.
 #[derive(Debug)]
 struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    moments: Moments,
     step: u64,
+}
+
+impl Slot {
+    /// Whether the fused in-place update applies: a contiguous f32 / f16 / bf16 CPU parameter,
+    /// with fused kernels on.
+    fn fused(&self) -> bool {
+        fused_enabled()
+            && self.var.device().is_cpu()
+            && matches!(self.var.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && self.var.as_tensor().is_contiguous()
+    }
+
+    /// The moments as host vectors (tensors, after `load_state` or a composed step, are copied
+    /// once).
+    fn host_moments(&mut self) -> Result<(&mut [f32], &mut [f32])> {
+        if let Moments::Tensors { m, v } = &self.moments {
+            let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+            self.moments = Moments::Host {
+                m: host(m)?,
+                v: host(v)?,
+            };
+        }
+        match &mut self.moments {
+            Moments::Host { m, v } => Ok((m, v)),
+            Moments::Tensors { .. } => Err(Error::invalid("AdamW", "moments left as tensors")),
+        }
+    }
+
+    /// The moments as f32 tensors of the parameter's shape, on its device.
+    fn tensor_moments(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.moments {
+            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+            Moments::Host { m, v } => {
+                let t = |x: &[f32]| Tensor::from_slice(x, self.var.shape(), self.var.device());
+                (t(m)?, t(v)?)
+            }
+        })
+    }
 }
 
 /// AdamW with PyTorch's `torch.optim.AdamW` update on every parameter that has a gradient:
@@ -135,13 +192,24 @@ impl AdamW {
                     format!("parameter `{name}` is listed twice"),
                 ));
             }
-            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            let moments = if var.device().is_cpu() {
+                let n = var.elem_count();
+                Moments::Host {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
+            } else {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Moments::Tensors {
+                    m: zeros.clone(),
+                    v: zeros,
+                }
+            };
             slots.push(Slot {
                 decay: decay(&name, &var),
                 name,
                 var,
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                moments,
                 step: 0,
             });
         }
@@ -177,7 +245,9 @@ impl AdamW {
         self.slots.iter().find(|s| s.name == name).map(|s| s.decay)
     }
 
-    /// One update of every parameter that has a gradient in `grads`.
+    /// One update of every parameter that has a gradient in `grads`: in place, in one pass, on
+    /// CPU parameters when fused kernels are on (`torchscale_kernels::adamw`), with the composed
+    /// candle update otherwise; both compute the same f32 operations in the same order.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let AdamWConfig {
             lr,
@@ -186,6 +256,18 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.cfg;
+        let hp = |decay: bool, step: u64| AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay: if decay { weight_decay } else { 0.0 },
+            step,
+        };
+        // A schedule may have set a non-finite rate: refuse before touching any parameter.
+        hp(true, 1)
+            .validate()
+            .map_err(|e| Error::config("adamw", e.to_string()))?;
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
             if g.dims() != s.var.dims() {
@@ -195,22 +277,18 @@ impl AdamW {
                     g.dims(),
                 ));
             }
-            let g = g.detach().to_dtype(DType::F32)?;
-            // detach: the update must not extend the autograd graph of the Var.
-            let mut p = s.var.as_tensor().detach().to_dtype(DType::F32)?;
             s.step += 1;
-            if s.decay && weight_decay != 0.0 {
-                p = p.affine(1.0 - lr * weight_decay, 0.0)?;
+            let h = hp(s.decay, s.step);
+            if s.fused() {
+                let var = s.var.as_tensor().clone();
+                let (m, v) = s.host_moments()?;
+                adamw_update(&var, g, m, v, &h)?;
+            } else {
+                let (m, v) = s.tensor_moments()?;
+                let (p, m, v) = adamw_composed(s.var.as_tensor(), g, &m, &v, &h)?;
+                s.var.set(&p)?;
+                s.moments = Moments::Tensors { m, v };
             }
-            // m + (1 - β1)(g - m): PyTorch's lerp form of the first-moment update.
-            s.exp_avg = (&s.exp_avg + ((&g - &s.exp_avg)? * (1.0 - beta1))?)?;
-            s.exp_avg_sq = ((&s.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let t = s.step as i32;
-            let bc1 = 1.0 - beta1.powi(t);
-            let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let denom = (s.exp_avg_sq.sqrt()? / bc2_sqrt)?.affine(1.0, eps)?;
-            p = (p - ((&s.exp_avg / denom)? * (lr / bc1))?)?;
-            s.var.set(&p.to_dtype(s.var.dtype())?)?;
         }
         self.num_updates += 1;
         Ok(())
@@ -223,8 +301,9 @@ impl AdamW {
         let count = |n: u64| Tensor::new(&[n as i64], &cpu);
         let mut out = HashMap::with_capacity(3 * self.slots.len() + 1);
         for s in &self.slots {
-            out.insert(format!("{EXP_AVG}{}", s.name), s.exp_avg.clone());
-            out.insert(format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.clone());
+            let (m, v) = s.tensor_moments()?;
+            out.insert(format!("{EXP_AVG}{}", s.name), m);
+            out.insert(format!("{EXP_AVG_SQ}{}", s.name), v);
             out.insert(format!("{STEP}{}", s.name), count(s.step)?);
         }
         out.insert(NUM_UPDATES.to_string(), count(self.num_updates)?);
@@ -276,7 +355,7 @@ impl AdamW {
         }
         // Commit only once everything has been checked.
         for (s, (m, v, step)) in self.slots.iter_mut().zip(loaded) {
-            (s.exp_avg, s.exp_avg_sq, s.step) = (m, v, step);
+            (s.moments, s.step) = (Moments::Tensors { m, v }, step);
         }
         self.num_updates = num_updates;
         Ok(())

@@ -2,6 +2,7 @@
 
 use super::*;
 use candle_core::Device;
+use torchscale_kernels::with_fused;
 
 /// A store where each var's gradient is the given tensor (loss = Σ var·g).
 fn grads(pairs: &[(&Var, Tensor)]) -> GradStore {
@@ -189,4 +190,173 @@ fn load_state_rejects_bad_files() {
         cfg(0.1, 0.0),
     );
     assert!(matches!(dup, Err(Error::Invalid { .. })));
+}
+
+/// Three parameters (decay, bias, norm) with seeded values, and three seeded gradient sets.
+fn model() -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
+    let dev = Device::Cpu;
+    let shapes: [(&str, &[usize]); 3] = [
+        ("l.fc.weight", &[5, 7]),
+        ("l.fc.bias", &[7]),
+        ("l.layer_norm.weight", &[7]),
+    ];
+    let init = shapes
+        .iter()
+        .map(|(n, d)| (n.to_string(), Tensor::randn(0f32, 1.0, *d, &dev).unwrap()))
+        .collect();
+    let grads = (0..3)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|(_, d)| Tensor::randn(0f32, 0.5, *d, &dev).unwrap())
+                .collect()
+        })
+        .collect();
+    (init, grads)
+}
+
+/// An optimizer over fresh copies of `init`.
+fn opt_on(init: &[(String, Tensor)]) -> (AdamW, Vec<Var>) {
+    let vars: Vec<Var> = init
+        .iter()
+        .map(|(_, t)| Var::from_tensor(&t.copy().unwrap()).unwrap())
+        .collect();
+    let params = init
+        .iter()
+        .zip(&vars)
+        .map(|((n, _), v)| (n.clone(), v.clone()))
+        .collect();
+    (AdamW::new(params, cfg(1e-2, 0.1)).unwrap(), vars)
+}
+
+fn step_with(opt: &mut AdamW, vars: &[Var], g: &[Tensor], fused: bool) {
+    let pairs: Vec<(&Var, Tensor)> = vars.iter().zip(g.iter().cloned()).collect();
+    with_fused(fused, || opt.step(&grads(&pairs))).unwrap();
+}
+
+/// Asserts `|a - b| <= 1e-6 * max(1, |b|)` element-wise.
+fn close(what: &str, a: &Tensor, b: &Tensor) {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+            "{what}: {x} vs {y}"
+        );
+    }
+}
+
+fn same_state(a: &AdamW, b: &AdamW) {
+    let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
+    assert_eq!(sa.len(), sb.len());
+    for (k, t) in &sa {
+        if k.starts_with("step.") || k == "num_updates" {
+            assert_eq!(
+                t.to_vec1::<i64>().unwrap(),
+                sb[k].to_vec1::<i64>().unwrap(),
+                "{k}"
+            );
+        } else {
+            close(k, t, &sb[k]);
+        }
+    }
+}
+
+#[test]
+fn fused_matches_composed_over_three_steps() {
+    let (init, gs) = model();
+    let (mut fused, fv) = opt_on(&init);
+    let (mut composed, cv) = opt_on(&init);
+    assert_eq!(fused.decays("l.fc.weight"), Some(true));
+    assert_eq!(fused.decays("l.fc.bias"), Some(false));
+    for g in &gs {
+        step_with(&mut fused, &fv, g, true);
+        step_with(&mut composed, &cv, g, false);
+    }
+    for ((f, c), (name, _)) in fv.iter().zip(&cv).zip(&init) {
+        close(name, f.as_tensor(), c.as_tensor());
+    }
+    same_state(&fused, &composed);
+    // Switching paths mid-run continues the same trajectory.
+    step_with(&mut fused, &fv, &gs[0], false);
+    step_with(&mut composed, &cv, &gs[0], true);
+    for (f, c) in fv.iter().zip(&cv) {
+        close("after switching", f.as_tensor(), c.as_tensor());
+    }
+    same_state(&fused, &composed);
+}
+
+#[test]
+fn state_roundtrip_after_fused_steps() {
+    let (init, gs) = model();
+    for (write_fused, read_fused) in [(true, true), (true, false), (false, true)] {
+        let (mut a, av) = opt_on(&init);
+        step_with(&mut a, &av, &gs[0], write_fused);
+        step_with(&mut a, &av, &gs[1], write_fused);
+        let state = a.state().unwrap();
+        assert_eq!(state.len(), 3 * 3 + 1);
+        assert_eq!(state["exp_avg.l.fc.weight"].dims(), &[5, 7]);
+        assert_eq!(state["exp_avg_sq.l.fc.bias"].dtype(), DType::F32);
+        assert_eq!(state["step.l.fc.bias"].to_vec1::<i64>().unwrap(), vec![2]);
+        // A fresh optimizer on the current parameters with the saved state.
+        let now: Vec<(String, Tensor)> = init
+            .iter()
+            .zip(&av)
+            .map(|((n, _), v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let (mut b, bv) = opt_on(&now);
+        b.load_state(&state).unwrap();
+        same_state(&a, &b);
+        step_with(&mut a, &av, &gs[2], write_fused);
+        step_with(&mut b, &bv, &gs[2], read_fused);
+        for (x, y) in av.iter().zip(&bv) {
+            close("resumed", x.as_tensor(), y.as_tensor());
+        }
+        same_state(&a, &b);
+    }
+}
+
+#[test]
+fn fused_half_precision_parameters() {
+    let dev = Device::Cpu;
+    for dt in [DType::F16, DType::BF16] {
+        let init = Tensor::randn(0f32, 1.0, (4, 9), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let g = Tensor::randn(0f32, 1.0, (4, 9), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let run = |fused: bool| {
+            let w = Var::from_tensor(&init.copy().unwrap()).unwrap();
+            let mut opt = AdamW::new(vec![("w.weight".into(), w.clone())], cfg(1e-2, 0.1)).unwrap();
+            let mut store = GradStore::default();
+            store.insert(w.as_tensor(), g.clone());
+            for _ in 0..2 {
+                with_fused(fused, || opt.step(&store)).unwrap();
+            }
+            assert_eq!(w.dtype(), dt);
+            w.as_tensor().to_dtype(DType::F32).unwrap()
+        };
+        close(&format!("{dt:?}"), &run(true), &run(false));
+    }
+}
+
+#[test]
+fn non_finite_rate_is_refused_before_any_update() {
+    let w = Var::from_tensor(&t(&[1.0, 2.0]).reshape((1, 2)).unwrap()).unwrap();
+    let mut opt = AdamW::new(vec![("w.weight".into(), w.clone())], cfg(0.1, 0.0)).unwrap();
+    opt.set_lr(f64::NAN);
+    let g = grads(&[(&w, t(&[1.0, 1.0]).reshape((1, 2)).unwrap())]);
+    assert!(matches!(opt.step(&g), Err(Error::Config { .. })));
+    assert_eq!(vals(&w), vec![1.0, 2.0]);
+    assert_eq!(opt.num_updates(), 0);
+    assert_eq!(
+        opt.state().unwrap()["step.w.weight"]
+            .to_vec1::<i64>()
+            .unwrap(),
+        vec![0]
+    );
 }

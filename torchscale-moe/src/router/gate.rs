@@ -44,7 +44,7 @@ impl Gate {
     /// by the smallest finite one, as torchscale does.
     pub fn logits(&self, x: &Tensor, gating_dtype: DType) -> Result<Tensor> {
         match self {
-            Gate::Linear(w) => Ok(x.matmul(&w.t()?)?.to_dtype(gating_dtype)?),
+            Gate::Linear(w) => Ok(torchscale_kernels::linear(x, w, None)?.to_dtype(gating_dtype)?),
             Gate::XMoe(g) => g.logits(x, gating_dtype),
         }
     }

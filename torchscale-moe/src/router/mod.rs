@@ -11,7 +11,7 @@ pub mod xmoe;
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -237,7 +237,7 @@ impl Router for MoeRouter {
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
         let logits = gate::make_finite(&logits, &mut logits_h)?;
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let probs = torchscale_kernels::softmax_last_dim(&logits)?;
         let probs_h = probs
             .flatten_all()?
             .to_dtype(DType::F64)?

@@ -97,7 +97,7 @@ impl XMoeGate {
 
     /// `[S, C] -> [S, E]` logits in `gating_dtype`.
     pub fn logits(&self, x: &Tensor, gating_dtype: DType) -> Result<Tensor> {
-        let r = x.matmul(&self.wg_reduction.t()?)?.to_dtype(gating_dtype)?;
+        let r = torchscale_kernels::linear(x, &self.wg_reduction, None)?.to_dtype(gating_dtype)?;
         let w_hat = normalize_rows(&self.wg.to_dtype(gating_dtype)?)?;
         match &self.gating_t {
             None => Ok(r.matmul(&w_hat.t()?)?),

@@ -11,6 +11,8 @@ use torchscale_core::init::ParamStore;
 use torchscale_core::RouteOptions;
 use torchscale_moe::{MoeConfig, MoeLayer, MoeOutput};
 
+use super::median;
+
 const USAGE: &str = "usage: cargo xtask bench moe [--quick] [--tokens N] [--width C] \
 [--ffn F] [--repeats N] [--experts E1,E2,...]";
 
@@ -130,17 +132,12 @@ pub struct Row {
     pub capacity: usize,
 }
 
-/// `cargo xtask bench <what> [flags]`.
+/// `cargo xtask bench moe [flags]`.
 pub fn main(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("moe") => {
-            let opts = BenchOpts::parse(&args[1..])?;
-            let rows = run_moe(&opts, true)?;
-            print_table(&opts, &rows);
-            Ok(())
-        }
-        _ => bail!("{USAGE}"),
-    }
+    let opts = BenchOpts::parse(args)?;
+    let rows = run_moe(&opts, true)?;
+    print_table(&opts, &rows);
+    Ok(())
 }
 
 /// Runs every (E, top-k, pass) case; `verbose` prints each case as it finishes.
@@ -236,20 +233,6 @@ fn median_time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64>
         t.push(start.elapsed().as_secs_f64());
     }
     Ok(median(&mut t))
-}
-
-/// The median (mean of the two middle values for an even count); 0 for an empty slice.
-pub fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Prints the markdown result table.

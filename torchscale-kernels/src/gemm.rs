@@ -1,0 +1,171 @@
+//! f32 matrix products on strided operands through the `gemm` crate (the same one candle uses),
+//! so that transposed operands of the backward products are read in place, never copied.
+
+use candle_core::{bail, Result};
+
+/// A matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `[rows, cols]` matrix with row stride `ld`.
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            rs: ld,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with row stride `ld`.
+    pub fn transposed(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: ld,
+        }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Whether a product of this size is worth splitting over threads.
+fn parallel(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m, n] (row stride ld) = scale * a[m, k] @ b[k, n] (+ dst if accumulate)`.
+///
+/// `threaded: false` keeps the product on the calling thread (for callers that already split
+/// their work over threads).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    threaded: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_fits = (m - 1) * ld + n <= dst.len() && ld >= n;
+    if !dst_fits || !a.fits(m, k) || !b.fits(k, n) {
+        bail!("matmul operands too small for [{m}, {k}] @ [{k}, {n}]");
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * ld..r * ld + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    let par = if threaded {
+        parallel(m, n, k)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the product touches was bounds-checked above; `dst` is borrowed
+    // mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| a.data[i * a.rs + p * a.cs] * b.data[p * b.rs + j * b.cs])
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn strided_products_match_naive() {
+        let (m, n, k) = (37, 29, 53);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        for (am, bm) in [
+            (Mat::rows(&a, k), Mat::rows(&b, n)),
+            (Mat::transposed(&a, m), Mat::rows(&b, n)),
+            (Mat::rows(&a, k), Mat::transposed(&b, k)),
+        ] {
+            let want = naive(m, n, k, am, bm);
+            let mut got = vec![1f32; m * n];
+            matmul((m, n, k), &mut got, n, false, am, bm, 1.0, true).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+            // Accumulating with a scale.
+            matmul((m, n, k), &mut got, n, true, am, bm, -0.5, false).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - 0.5 * w).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn short_operands_are_errors() {
+        let a = vec![0f32; 5];
+        let mut d = vec![0f32; 4];
+        let e = matmul(
+            (2, 2, 3),
+            &mut d,
+            2,
+            false,
+            Mat::rows(&a, 3),
+            Mat::rows(&a, 2),
+            1.0,
+            false,
+        );
+        assert!(e.is_err());
+    }
+}

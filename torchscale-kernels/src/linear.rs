@@ -1,0 +1,234 @@
+//! `y = x @ w^T + b` for any leading dimensions, as one matrix product over all rows, with a
+//! backward that computes `dx = dy @ w`, `dw = dy^T @ x` (one product over every token, the
+//! transpose read in place) and `db = column sums of dy`.
+//!
+//! candle_nn's `Linear` broadcasts `w` over the batch and multiplies batch by batch; its backward
+//! then produces one `[in, out]` gradient per batch element and sums them.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{
+    as_f32, chunks, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32, BackendStorage,
+};
+use crate::gemm::{matmul, Mat};
+use crate::switch::fused_enabled;
+
+/// `x @ w^T (+ b)` over the last dimension of `x` (`w: [out, in]`, `b: [out]`): the fused kernel on
+/// CPU f32 / f16 / bf16 tensors of one dtype when fused kernels are on, [`linear_composed`]
+/// otherwise (f64 included, so that it keeps its precision).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let same_dtype = w.dtype() == x.dtype() && b.is_none_or(|b| b.dtype() == x.dtype());
+    let mut all = vec![x, w];
+    all.extend(b);
+    // f64 keeps its precision on the composed path (the kernel computes in f32).
+    if !fused_enabled() || !same_dtype || x.dtype() == DType::F64 || !cpu_float(&all) {
+        return linear_composed(x, w, b);
+    }
+    let (out_dim, in_dim) = w.dims2()?;
+    if x.dims().last() != Some(&in_dim) {
+        candle_core::bail!(
+            "linear: input {:?} does not end in the weight's in-dim {in_dim}",
+            x.dims()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [out_dim] {
+            candle_core::bail!("linear: bias {:?}, expected [{out_dim}]", b.dims());
+        }
+    }
+    match b {
+        Some(b) => x.apply_op3_arc(w, b, std::sync::Arc::new(Box::new(LinearOp))),
+        None => x.apply_op2_arc(w, std::sync::Arc::new(Box::new(LinearOp))),
+    }
+}
+
+/// candle_nn's `Linear` (the reference the fused kernel is tested against).
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    candle_nn::Linear::new(w.clone(), b.cloned()).forward(x)
+}
+
+/// The fused linear (CustomOp2 without bias, CustomOp3 with).
+struct LinearOp;
+
+fn out_shape(x: &Layout, w: &Layout) -> Shape {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.dims()[0];
+    }
+    Shape::from(dims)
+}
+
+fn forward(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let dtype = x.0.dtype();
+    let (out_dim, in_dim) = (w.1.dims()[0], w.1.dims()[1]);
+    let rows = x.1.shape().elem_count() / in_dim.max(1);
+    let xs = as_f32(x.0, x.1)?;
+    let ws = as_f32(w.0, w.1)?;
+    let mut y = vec![0f32; rows * out_dim];
+    let accumulate = if let Some(b) = b {
+        let bs = as_f32(b.0, b.1)?;
+        y.par_chunks_mut(out_dim.max(1))
+            .for_each(|row| row.copy_from_slice(&bs));
+        true
+    } else {
+        false
+    };
+    matmul(
+        (rows, out_dim, in_dim),
+        &mut y,
+        out_dim,
+        accumulate,
+        Mat::rows(&xs, in_dim),
+        Mat::transposed(&ws, in_dim),
+        1.0,
+        true,
+    )?;
+    Ok((storage_from_f32(y, dtype)?, out_shape(x.1, w.1)))
+}
+
+/// Column sums of a row-major `[rows, cols]` matrix, split over column blocks.
+pub(crate) fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cols];
+    let parts = if rows * cols >= 1 << 16 { threads() } else { 1 };
+    let ranges: Vec<_> = chunks(cols, parts).collect();
+    let mut pieces: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
+    let mut rest = out.as_mut_slice();
+    for r in &ranges {
+        let (head, tail) = rest.split_at_mut(r.len());
+        pieces.push(head);
+        rest = tail;
+    }
+    pieces
+        .into_par_iter()
+        .zip(ranges.into_par_iter())
+        .for_each(|(acc, r)| {
+            for row in 0..rows {
+                let src = &g[row * cols + r.start..row * cols + r.end];
+                for (a, s) in acc.iter_mut().zip(src) {
+                    *a += s;
+                }
+            }
+        });
+    out
+}
+
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    with_bias: bool,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let dtype = x.dtype();
+    with_f32(grad, |g| {
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; rows * in_dim];
+            with_f32(w, |ws| {
+                matmul(
+                    (rows, in_dim, out_dim),
+                    &mut dx,
+                    in_dim,
+                    false,
+                    Mat::rows(g, out_dim),
+                    Mat::rows(ws, in_dim),
+                    1.0,
+                    true,
+                )
+            })?;
+            Some(tensor_from_f32(dx, x.shape(), dtype)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; out_dim * in_dim];
+            with_f32(x, |xs| {
+                matmul(
+                    (out_dim, in_dim, rows),
+                    &mut dw,
+                    in_dim,
+                    false,
+                    Mat::transposed(g, out_dim),
+                    Mat::rows(xs, in_dim),
+                    1.0,
+                    true,
+                )
+            })?;
+            Some(tensor_from_f32(dw, (out_dim, in_dim), dtype)?)
+        } else {
+            None
+        };
+        let db = if with_bias {
+            Some(tensor_from_f32(
+                column_sums(g, rows, out_dim),
+                out_dim,
+                dtype,
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    })
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "torchscale-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, false, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "torchscale-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = backward(x, w, b.track_op(), grad)?;
+        Ok((dx, dw, db))
+    }
+}

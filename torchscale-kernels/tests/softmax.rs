@@ -1,0 +1,102 @@
+//! The fused last-dim softmax against candle_nn's composed softmax: values and input gradients,
+//! including `-inf` entries and rows of only `-inf`.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{check, randn, var};
+use torchscale_kernels::{softmax_last_dim, softmax_last_dim_composed, with_fused};
+
+#[test]
+fn matches_composed_f32() {
+    for d in [1, 7, 64, 513] {
+        for lead in [vec![3], vec![2, 3], vec![2, 1, 3]] {
+            let mut dims = lead.clone();
+            dims.push(d);
+            let x = var(1, &dims, 2.0, DType::F32);
+            check(&format!("softmax {dims:?}"), &[&x], 1e-5, || {
+                softmax_last_dim(&x)
+            });
+        }
+    }
+}
+
+#[test]
+fn large_logits_and_threads() {
+    // Logits in the hundreds: the max subtraction keeps exp in range.
+    let x = var(2, &[4, 33, 517], 100.0, DType::F32);
+    check("threaded softmax", &[&x], 1e-5, || softmax_last_dim(&x));
+}
+
+#[test]
+fn non_contiguous_input() {
+    let x = var(3, &[37, 6], 1.0, DType::F32);
+    check("softmax of x^T", &[&x], 1e-5, || softmax_last_dim(&x.t()?));
+    check("softmax of a slice", &[&x], 1e-5, || {
+        softmax_last_dim(&x.narrow(1, 1, 4)?)
+    });
+}
+
+#[test]
+fn half_precision_inputs() {
+    for dt in [DType::F16, DType::BF16] {
+        let x = var(4, &[3, 5, 71], 2.0, dt);
+        check(&format!("softmax {dt:?}"), &[&x], 2e-2, || {
+            softmax_last_dim(&x)
+        });
+    }
+}
+
+#[test]
+fn minus_infinity_entries() {
+    let (rows, d) = (5, 37);
+    let mut v = randn(5, &[rows, d], 1.0, DType::F32)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (i, x) in v.iter_mut().enumerate() {
+        // Masked positions in every row, row 2 masked entirely.
+        if i % 3 == 0 || i / d == 2 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let x = Var::from_tensor(&Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()).unwrap();
+    check("softmax with -inf", &[&x], 1e-5, || softmax_last_dim(&x));
+    let y = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+    assert!(y[2].iter().all(|p| p.is_nan()), "all -inf row gives NaN");
+    assert_eq!(y[0][0], 0.0);
+    assert!((y[0].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
+
+#[test]
+fn rows_sum_to_one() {
+    let x = randn(6, &[64, 300], 3.0, DType::F32);
+    let sums = softmax_last_dim(&x)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+}
+
+#[test]
+fn f64_stays_composed() {
+    let x = var(7, &[3, 11], 1.0, DType::F64);
+    check("softmax f64", &[&x], 1e-12, || softmax_last_dim(&x));
+}
+
+#[test]
+fn constant_input_gets_no_gradient_and_scalars_are_errors() {
+    let x = randn(8, &[2, 5], 1.0, DType::F32);
+    let w = var(9, &[2, 5], 1.0, DType::F32);
+    let y = (softmax_last_dim(&x).unwrap() * w.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none());
+    let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
+    for on in [true, false] {
+        with_fused(on, || assert!(softmax_last_dim(&scalar).is_err()));
+    }
+    assert!(softmax_last_dim_composed(&scalar).is_err());
+}

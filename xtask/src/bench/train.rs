@@ -1,0 +1,238 @@
+//! `cargo xtask bench train`: whole training steps of four configurations, split into forward,
+//! backward and optimizer, in tokens per second with peak memory, and, with `--torch PYTHON`,
+//! PyTorch torchscale on the same configurations alternating with the Rust side in one session.
+//!
+//! Every measurement runs in its own process (this binary re-invoked with `--child`, or the
+//! PyTorch driver `xtask/py/bench_torch_split.py`), so that each one's peak memory is its own and
+//! no allocator state carries over; rounds alternate Rust and PyTorch per configuration.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::train_configs::{measure, Measurement, TrainConfig};
+use super::train_report::{load_average, machine, render, Report, Sample};
+
+const USAGE: &str = "usage: cargo xtask bench train [--quick] [--configs a,b,c,d] [--rounds N] \
+[--steps N] [--warmup N] [--threads N] [--torch PYTHON] [--ref DIR] [--out FILE]";
+
+/// Options of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainBenchOpts {
+    /// Configurations, in table order.
+    pub configs: Vec<TrainConfig>,
+    /// Alternating rounds (each measures every configuration once per side).
+    pub rounds: usize,
+    /// Timed steps per measurement (median reported).
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Compute threads on both sides.
+    pub threads: usize,
+    /// Python of the reference environment (`../shared/ref/setup.sh`).
+    pub torch: Option<PathBuf>,
+    /// Folder holding `bench_torch.py`.
+    pub ref_dir: PathBuf,
+    /// Where the JSON results go.
+    pub out: PathBuf,
+    /// Measure in this process instead of child processes (the `--quick` smoke test).
+    pub in_process: bool,
+}
+
+impl Default for TrainBenchOpts {
+    fn default() -> Self {
+        Self {
+            configs: TrainConfig::FULL.to_vec(),
+            rounds: 3,
+            steps: 5,
+            warmup: 3,
+            threads: 2,
+            torch: None,
+            ref_dir: PathBuf::from("../shared/ref"),
+            out: PathBuf::from("target/bench-train/results.json"),
+            in_process: false,
+        }
+    }
+}
+
+impl TrainBenchOpts {
+    /// The smoke test: the tiny configuration, one round, two timed steps, in process.
+    pub fn quick() -> Self {
+        Self {
+            configs: vec![TrainConfig::Quick],
+            rounds: 1,
+            steps: 2,
+            warmup: 1,
+            in_process: true,
+            out: PathBuf::from("target/bench-train/quick.json"),
+            ..Self::default()
+        }
+    }
+
+    /// Parses the flags after `train` (`--quick` resets the others; later flags override it).
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Self::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .with_context(|| format!("{a} needs a value\n{USAGE}"))
+                    .cloned()
+            };
+            let count = |s: String| -> Result<usize> {
+                let n: usize = s
+                    .parse()
+                    .with_context(|| format!("{a}: `{s}` is not a count"))?;
+                ensure!(n > 0, "{a} must be positive");
+                Ok(n)
+            };
+            match a.as_str() {
+                "--quick" => o = Self::quick(),
+                "--configs" => {
+                    o.configs = value()?
+                        .split(',')
+                        .map(TrainConfig::from_key)
+                        .collect::<Result<_>>()?
+                }
+                "--rounds" => o.rounds = count(value()?)?,
+                "--steps" => o.steps = count(value()?)?,
+                "--warmup" => o.warmup = value()?.parse().context("--warmup")?,
+                "--threads" => o.threads = count(value()?)?,
+                "--torch" => o.torch = Some(PathBuf::from(value()?)),
+                "--ref" => o.ref_dir = PathBuf::from(value()?),
+                "--out" => o.out = PathBuf::from(value()?),
+                "--in-process" => o.in_process = true,
+                other => bail!("unknown flag `{other}`\n{USAGE}"),
+            }
+        }
+        ensure!(!o.configs.is_empty(), "--configs is empty");
+        Ok(o)
+    }
+}
+
+/// `cargo xtask bench train [flags]`, or `--child KEY STEPS WARMUP` (one measurement, JSON out).
+pub fn main(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("--child") {
+        let [_, key, steps, warmup] = args else {
+            bail!("--child KEY STEPS WARMUP")
+        };
+        let m = measure(TrainConfig::from_key(key)?, warmup.parse()?, steps.parse()?)?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+    let opts = TrainBenchOpts::parse(args)?;
+    let report = run(&opts, true)?;
+    if let Some(dir) = opts.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&opts.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    println!("{}", render(&report));
+    eprintln!("results: {}", opts.out.display());
+    Ok(())
+}
+
+/// Runs every round; `verbose` prints each measurement as it lands.
+pub fn run(opts: &TrainBenchOpts, verbose: bool) -> Result<Report> {
+    if let Some(py) = &opts.torch {
+        ensure!(
+            opts.ref_dir.join("bench_torch.py").is_file(),
+            "--ref {}: no bench_torch.py there",
+            opts.ref_dir.display()
+        );
+        ensure!(py.exists(), "--torch {}: no such file", py.display());
+    }
+    let mut report = Report {
+        machine: machine(),
+        threads: opts.threads,
+        steps: opts.steps,
+        warmup: opts.warmup,
+        rounds: opts.rounds,
+        samples: Vec::new(),
+    };
+    for round in 1..=opts.rounds {
+        for &cfg in &opts.configs {
+            let load = load_average();
+            let m = if opts.in_process {
+                measure(cfg, opts.warmup, opts.steps)?
+            } else {
+                rust_child(cfg, opts)?
+            };
+            if verbose {
+                eprintln!(
+                    "round {round} {:<5} rust  step {:.3}s  (load {load:.2})",
+                    cfg.key(),
+                    m.train_step
+                );
+            }
+            report.samples.push(Sample {
+                side: "rust".into(),
+                round,
+                load,
+                m,
+            });
+            if let Some(py) = &opts.torch {
+                let load = load_average();
+                let m = torch_child(py, cfg, opts)?;
+                if verbose {
+                    eprintln!(
+                        "round {round} {:<5} torch step {:.3}s  (load {load:.2})",
+                        cfg.key(),
+                        m.train_step
+                    );
+                }
+                report.samples.push(Sample {
+                    side: "torch".into(),
+                    round,
+                    load,
+                    m,
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn parse_child_json(what: &str, out: std::process::Output) -> Result<Measurement> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("{what} printed no JSON:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("{what}: bad JSON `{line}`"))
+}
+
+fn rust_child(cfg: TrainConfig, opts: &TrainBenchOpts) -> Result<Measurement> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["bench", "train", "--child", cfg.key()])
+        .arg(opts.steps.to_string())
+        .arg(opts.warmup.to_string())
+        .env("RAYON_NUM_THREADS", opts.threads.to_string())
+        .output()?;
+    parse_child_json(&format!("rust child {}", cfg.key()), out)
+}
+
+fn torch_child(py: &Path, cfg: TrainConfig, opts: &TrainBenchOpts) -> Result<Measurement> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/bench_torch_split.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg("--ref")
+        .arg(&opts.ref_dir)
+        .args(["--config", cfg.key()])
+        .args(["--steps", &opts.steps.to_string()])
+        .args(["--warmup", &opts.warmup.to_string()])
+        .args(["--threads", &opts.threads.to_string()])
+        .env("PYTHONWARNINGS", "ignore")
+        .output()?;
+    parse_child_json(&format!("torch child {}", cfg.key()), out)
+}
