@@ -117,3 +117,12 @@ pub(crate) fn chunks(n: usize, parts: usize) -> impl Iterator<Item = std::ops::R
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
+
+/// Below this many elements a memory-bound kernel stays on the calling thread: handing work to
+/// rayon's pool (and waking its workers) costs tens of microseconds, as long as the kernel itself.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
+
+/// Whether `elems` elements of memory-bound work are worth splitting over rayon's threads.
+pub(crate) fn worth_threading(elems: usize) -> bool {
+    threads() > 1 && elems >= PAR_MIN_ELEMS
+}

@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Sto
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::cpu::{as_f32, cpu_float};
+use crate::cpu::{as_f32, cpu_float, worth_threading};
 use crate::switch::fused_enabled;
 
 /// Summed label-smoothed cross entropy over the rows of `logits` (`[N, V]`) whose target is not
@@ -320,29 +320,34 @@ type Lse = (f32, f32);
 fn forward_rows<T: Elem>(x: &[T], op: &CeOp, v: usize) -> Vec<(Lse, f64, f64)> {
     let avx512 = has_avx512();
     let smooth = op.epsilon > 0.0;
+    let one = |(row, &t): (&[T], &u32)| {
+        if !op.kept(t) {
+            return ((f32::NAN, f32::NAN), 0.0, 0.0);
+        }
+        let (m, e, s) = if smooth {
+            row_stats::<T, true>(row, avx512)
+        } else {
+            row_stats::<T, false>(row, avx512)
+        };
+        let ln_sum = e.ln();
+        // −lp[t] = ln_sum − (x_t − max);  −Σ lp = V·ln_sum − Σ (x − max).
+        let ln = f64::from(ln_sum);
+        let nll = ln - f64::from(row[t as usize].to_f32() - m);
+        let sm = if smooth {
+            v as f64 * ln - f64::from(s)
+        } else {
+            0.0
+        };
+        ((m, ln_sum), nll, sm)
+    };
+    if !worth_threading(x.len()) {
+        // Small: stay on this thread (handing work to rayon's pool costs more than it takes).
+        return x.chunks(v).zip(op.targets.iter()).map(one).collect();
+    }
     x.par_chunks(v)
         .zip(op.targets.par_iter())
         .with_min_len(min_rows(v))
-        .map(|(row, &t)| {
-            if !op.kept(t) {
-                return ((f32::NAN, f32::NAN), 0.0, 0.0);
-            }
-            let (m, e, s) = if smooth {
-                row_stats::<T, true>(row, avx512)
-            } else {
-                row_stats::<T, false>(row, avx512)
-            };
-            let ln_sum = e.ln();
-            // −lp[t] = ln_sum − (x_t − max);  −Σ lp = V·ln_sum − Σ (x − max).
-            let ln = f64::from(ln_sum);
-            let nll = ln - f64::from(row[t as usize].to_f32() - m);
-            let sm = if smooth {
-                v as f64 * ln - f64::from(s)
-            } else {
-                0.0
-            };
-            ((m, ln_sum), nll, sm)
-        })
+        .map(one)
         .collect()
 }
 
@@ -355,17 +360,26 @@ fn backward_rows<T: Elem>(x: &[T], op: &CeOp, lse: &[Lse], v: usize, g: (f64, f6
     let b = g.0 * eps_i;
     let (c, a32, b32) = ((a + b * v as f64) as f32, a as f32, b as f32);
     let mut dx = vec![T::from_f32(0.0); x.len()];
-    dx.par_chunks_mut(v)
-        .zip(x.par_chunks(v))
-        .zip(op.targets.par_iter().zip(lse.par_iter()))
-        .with_min_len(min_rows(v))
-        .for_each(|((d, row), (&t, &l))| {
-            if op.kept(t) {
-                row_grad(row, d, l, c, b32, avx512);
-                let t = t as usize;
-                d[t] = T::from_f32(c * exp((row[t].to_f32() - l.0) - l.1) - b32 - a32);
-            }
-        });
+    type Item<'a, T> = ((&'a mut [T], &'a [T]), (&'a u32, &'a Lse));
+    let one = |((d, row), (&t, &l)): Item<'_, T>| {
+        if op.kept(t) {
+            row_grad(row, d, l, c, b32, avx512);
+            let t = t as usize;
+            d[t] = T::from_f32(c * exp((row[t].to_f32() - l.0) - l.1) - b32 - a32);
+        }
+    };
+    if worth_threading(x.len()) {
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(op.targets.par_iter().zip(lse.par_iter()))
+            .with_min_len(min_rows(v))
+            .for_each(one);
+    } else {
+        dx.chunks_mut(v)
+            .zip(x.chunks(v))
+            .zip(op.targets.iter().zip(lse.iter()))
+            .for_each(one);
+    }
     dx
 }
 

@@ -35,10 +35,20 @@ impl<'a> Mat<'a> {
     }
 }
 
+fn gemm_par_min() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("TS_GEMM_PAR")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1 << 18)
+    })
+}
+
 /// Whether a product of this size is worth splitting over threads.
 fn parallel(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    if threads > 1 && m * n * k >= 1 << 18 {
+    if threads > 1 && m * n * k >= gemm_par_min() {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

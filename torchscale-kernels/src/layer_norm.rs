@@ -206,10 +206,15 @@ impl LayerNormOp {
         let rows = x.len() / d;
         let mut stats = vec![0f32; 2 * rows];
         let step = rows_per_task(rows, d, 4);
-        stats
-            .par_chunks_mut(2 * step)
-            .zip(x.par_chunks(step * d))
-            .for_each(|(st, x)| stats_rows(x, d, self.eps, st));
+        if step >= rows {
+            // One task: run it here (handing it to rayon's pool costs more than it takes).
+            stats_rows(x, d, self.eps, &mut stats);
+        } else {
+            stats
+                .par_chunks_mut(2 * step)
+                .zip(x.par_chunks(step * d))
+                .for_each(|(st, x)| stats_rows(x, d, self.eps, st));
+        }
         stats
     }
 
@@ -246,27 +251,37 @@ impl LayerNormOp {
         } else {
             (0..tasks).map(|_| <&mut [f32]>::default()).collect()
         };
-        let partials: Vec<Vec<f32>> = dx_parts
-            .par_iter_mut()
-            .enumerate()
-            .map(|(t, dx)| {
-                let rows = t * step..((t + 1) * step).min(rows);
-                let mut dwb = if need_wb {
-                    vec![0f32; 2 * d]
-                } else {
-                    Vec::new()
-                };
-                bwd_rows(
-                    &x[rows.start * d..rows.end * d],
-                    &g[rows.start * d..rows.end * d],
-                    w,
-                    &stats[2 * rows.start..2 * rows.end],
-                    dx,
-                    &mut dwb,
-                );
-                dwb
-            })
-            .collect();
+        let task = |t: usize, dx: &mut &mut [f32]| {
+            let rows = t * step..((t + 1) * step).min(rows);
+            let mut dwb = if need_wb {
+                vec![0f32; 2 * d]
+            } else {
+                Vec::new()
+            };
+            bwd_rows(
+                &x[rows.start * d..rows.end * d],
+                &g[rows.start * d..rows.end * d],
+                w,
+                &stats[2 * rows.start..2 * rows.end],
+                dx,
+                &mut dwb,
+            );
+            dwb
+        };
+        let partials: Vec<Vec<f32>> = if tasks <= 1 {
+            // One task: run it here (handing it to rayon's pool costs more than it takes).
+            dx_parts
+                .iter_mut()
+                .enumerate()
+                .map(|(t, dx)| task(t, dx))
+                .collect()
+        } else {
+            dx_parts
+                .par_iter_mut()
+                .enumerate()
+                .map(|(t, dx)| task(t, dx))
+                .collect()
+        };
         let mut parts = partials.into_iter();
         let mut dwb = parts.next().unwrap_or_default();
         for p in parts {
@@ -306,10 +321,14 @@ impl CustomOp3 for LayerNormOp {
         let mut y = vec![0f32; xs.len()];
         let mut stats = vec![0f32; 2 * rows];
         let step = rows_per_task(rows, d, 4);
-        y.par_chunks_mut(step * d)
-            .zip(xs.par_chunks(step * d))
-            .zip(stats.par_chunks_mut(2 * step))
-            .for_each(|((y, x), st)| fwd_rows(x, &ws, &bs, self.eps, y, st));
+        if step >= rows {
+            fwd_rows(&xs, &ws, &bs, self.eps, &mut y, &mut stats);
+        } else {
+            y.par_chunks_mut(step * d)
+                .zip(xs.par_chunks(step * d))
+                .zip(stats.par_chunks_mut(2 * step))
+                .for_each(|((y, x), st)| fwd_rows(x, &ws, &bs, self.eps, y, st));
+        }
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
         Ok((storage_from_f32(y, s1.dtype())?, l1.shape().clone()))
     }

@@ -29,6 +29,8 @@
 
 pub mod activation;
 pub mod adamw;
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod attention;
 mod cpu;
 pub mod cross_entropy;
@@ -39,7 +41,7 @@ pub mod softmax;
 pub mod switch;
 
 pub use activation::{gelu_erf, gelu_erf_composed};
-pub use attention::{attention, attention_composed, AttentionOptions};
+pub use attention::{attention, attention_composed, attention_packed, AttentionOptions};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};

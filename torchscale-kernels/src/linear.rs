@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Resul
 use rayon::prelude::*;
 
 use crate::cpu::{
-    as_f32, chunks, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32, BackendStorage,
+    as_f32, chunks, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32,
+    worth_threading, BackendStorage,
 };
 use crate::gemm::{matmul, Mat};
 use crate::switch::fused_enabled;
@@ -72,8 +73,13 @@ fn forward(
     let mut y = vec![0f32; rows * out_dim];
     let accumulate = if let Some(b) = b {
         let bs = as_f32(b.0, b.1)?;
-        y.par_chunks_mut(out_dim.max(1))
-            .for_each(|row| row.copy_from_slice(&bs));
+        if worth_threading(y.len()) {
+            y.par_chunks_mut(out_dim.max(1))
+                .for_each(|row| row.copy_from_slice(&bs));
+        } else {
+            y.chunks_mut(out_dim.max(1))
+                .for_each(|row| row.copy_from_slice(&bs));
+        }
         true
     } else {
         false
@@ -94,7 +100,11 @@ fn forward(
 /// Column sums of a row-major `[rows, cols]` matrix, split over column blocks.
 pub(crate) fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; cols];
-    let parts = if rows * cols >= 1 << 16 { threads() } else { 1 };
+    let parts = if worth_threading(rows * cols) {
+        threads()
+    } else {
+        1
+    };
     let ranges: Vec<_> = chunks(cols, parts).collect();
     let mut pieces: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
     let mut rest = out.as_mut_slice();
@@ -103,17 +113,22 @@ pub(crate) fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         pieces.push(head);
         rest = tail;
     }
-    pieces
-        .into_par_iter()
-        .zip(ranges.into_par_iter())
-        .for_each(|(acc, r)| {
-            for row in 0..rows {
-                let src = &g[row * cols + r.start..row * cols + r.end];
-                for (a, s) in acc.iter_mut().zip(src) {
-                    *a += s;
-                }
+    let sum_block = |(acc, r): (&mut [f32], std::ops::Range<usize>)| {
+        for row in 0..rows {
+            let src = &g[row * cols + r.start..row * cols + r.end];
+            for (a, s) in acc.iter_mut().zip(src) {
+                *a += s;
             }
-        });
+        }
+    };
+    if parts == 1 {
+        pieces.into_iter().zip(ranges).for_each(sum_block);
+    } else {
+        pieces
+            .into_par_iter()
+            .zip(ranges.into_par_iter())
+            .for_each(sum_block);
+    }
     out
 }
 

@@ -162,9 +162,14 @@ impl CustomOp1 for SoftmaxOp {
         let rows = xs.len() / d;
         let mut y = vec![0f32; xs.len()];
         let step = rows_per_task(rows, d) * d;
-        y.par_chunks_mut(step)
-            .zip(xs.par_chunks(step))
-            .for_each(|(y, x)| fwd_rows(x, y, d));
+        if step >= xs.len() {
+            // One task: run it here (handing it to rayon's pool costs more than it takes).
+            fwd_rows(&xs, &mut y, d);
+        } else {
+            y.par_chunks_mut(step)
+                .zip(xs.par_chunks(step))
+                .for_each(|(y, x)| fwd_rows(x, y, d));
+        }
         Ok((storage_from_f32(y, s.dtype())?, l.shape().clone()))
     }
 
@@ -177,9 +182,13 @@ impl CustomOp1 for SoftmaxOp {
             with_f32(grad, |g| {
                 let mut dx = vec![0f32; y.len()];
                 let step = rows_per_task(y.len() / d, d) * d;
-                dx.par_chunks_mut(step)
-                    .zip(y.par_chunks(step).zip(g.par_chunks(step)))
-                    .for_each(|(dx, (y, g))| bwd_rows(y, g, dx, d));
+                if step >= y.len() {
+                    bwd_rows(y, g, &mut dx, d);
+                } else {
+                    dx.par_chunks_mut(step)
+                        .zip(y.par_chunks(step).zip(g.par_chunks(step)))
+                        .for_each(|(dx, (y, g))| bwd_rows(y, g, dx, d));
+                }
                 Ok(dx)
             })
         })?;

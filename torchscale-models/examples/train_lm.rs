@@ -21,6 +21,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
+
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -341,6 +344,7 @@ fn log_line(r: &StepReport) -> String {
 }
 
 fn main() -> Result<()> {
+    torchscale_kernels::alloc::keep_freed_memory();
     let (args, session, given) = parse()?;
     let dev = Device::Cpu;
     let (a, lm, mut t) = start(args, &session, &given)?;

@@ -19,6 +19,9 @@
 
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -569,6 +572,7 @@ fn report_decoding(
 }
 
 fn main() -> Result<()> {
+    torchscale_kernels::alloc::keep_freed_memory();
     let args = Args::parse()?;
     let task = Task::new(args.seed, args.words, args.min_len, args.max_len);
     print_task(&task);

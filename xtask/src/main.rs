@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use xtask::parity::{run_all, TolMode};
 
+#[global_allocator]
+static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
+
 const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...
        cargo xtask export-check [--python PATH] [--checkpoint DIR] [--out DIR] [--tolerance strict|default]
        cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]
        cargo xtask stability [--quick] [--layers N] [--dim D] [--steps S] [--lr X] [--warmup W] [--batch B] [--seq T] [--techniques a,b,..] [--seed N] [--out DIR]";
 
 fn main() -> Result<()> {
+    torchscale_kernels::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         bail!("{USAGE}")

@@ -193,6 +193,11 @@ impl MultiheadAttention {
                 ));
             }
         }
+        if self.packed_ok(query, key_value, inputs, cache.is_none()) {
+            if let Some(out) = self.packed_self_attention(query, inputs)? {
+                return self.finish(out, br);
+            }
+        }
         // [B, T, H, d] views of the projections: no head-split copies.
         let q = self.q_proj.apply(query, br, apply)?.reshape((b, t, h, d))?;
         let k = self
@@ -208,11 +213,62 @@ impl MultiheadAttention {
         } else {
             self.core_composed(q, k, v, inputs, cache)?
         };
+        self.finish(out, br)
+    }
+
+    /// Sub-LN's inner norm, then the output projection.
+    fn finish(&self, out: Tensor, br: Branch) -> Result<Tensor> {
         let out = match &self.inner_attn_ln {
             Some(ln) => ln.apply(&out, br, |ln, x| ln.forward(x))?,
             None => out,
         };
         self.out_proj.apply(&out, br, apply)
+    }
+
+    /// Plain self-attention in training or a full forward (no cache, xPos, relative bias,
+    /// attention dropout or multiway copies) takes the packed path: one projection with the three
+    /// weights side by side and one attention kernel on its output, so the graph holds two nodes
+    /// where the general path holds nine.
+    fn packed_ok(
+        &self,
+        query: &Tensor,
+        key_value: &Tensor,
+        inputs: &AttentionInputs,
+        no_cache: bool,
+    ) -> bool {
+        no_cache
+            && self.cfg.self_attention
+            && self.xpos.is_none()
+            && query.id() == key_value.id()
+            && matches!(self.q_proj, Multiway::Single(_))
+            && self.fused_core(inputs)
+    }
+
+    /// The packed path; `None` when the projections' biases differ in presence (never with
+    /// torchscale's modules).
+    fn packed_self_attention(
+        &self,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+    ) -> Result<Option<Tensor>> {
+        let (q, k, v) = (self.q_proj.a(), self.k_proj.a(), self.v_proj.a());
+        let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+        let b = match (q.bias(), k.bias(), v.bias()) {
+            (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+            (None, None, None) => None,
+            _ => return Ok(None),
+        };
+        let qkv = torchscale_kernels::linear(x, &w, b.as_ref())?;
+        let opts = torchscale_kernels::attention::AttentionOptions {
+            scale: (self.head_dim as f64).powf(-0.5),
+            attn_mask: inputs.attn_mask.cloned(),
+            key_padding_mask: inputs.key_padding_mask.cloned(),
+        };
+        Ok(Some(torchscale_kernels::attention::attention_packed(
+            &qkv,
+            self.cfg.num_heads,
+            &opts,
+        )?))
     }
 
     /// The fused kernel covers everything but a relative position bias and attention dropout in
@@ -263,16 +319,19 @@ impl MultiheadAttention {
         inputs: &AttentionInputs,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (q, k, v, scaled) = self.keys_and_queries(q, k, v, inputs, cache)?;
-        let opts = torchscale_kernels::attention::AttentionOptions {
-            scale: if scaled {
-                1.0
-            } else {
-                (self.head_dim as f64).powf(-0.5)
-            },
+        let mut opts = torchscale_kernels::attention::AttentionOptions {
+            scale: (self.head_dim as f64).powf(-0.5),
             attn_mask: inputs.attn_mask.cloned(),
             key_padding_mask: inputs.key_padding_mask.cloned(),
         };
+        if cache.is_none() && self.xpos.is_none() {
+            // The kernel reads [B, T, H, d] views as they are: no transposes in the graph.
+            return Ok(torchscale_kernels::attention::attention(&q, &k, &v, &opts)?);
+        }
+        let (q, k, v, scaled) = self.keys_and_queries(q, k, v, inputs, cache)?;
+        if scaled {
+            opts.scale = 1.0;
+        }
         Ok(torchscale_kernels::attention::attention(
             &q.transpose(1, 2)?,
             &k.transpose(1, 2)?,

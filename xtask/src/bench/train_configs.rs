@@ -200,6 +200,14 @@ pub fn measure(config: TrainConfig, warmup: usize, steps: usize) -> Result<Measu
             // A mean over tokens, as F.cross_entropy's default reduction.
             let loss = (&mb.loss_sum / mb.ntokens as f64)?;
             let t1 = Instant::now();
+            if std::env::var("TS_NODES").is_ok() && i == 0 {
+                let nodes = loss.sorted_nodes();
+                let mut kinds = std::collections::BTreeMap::new();
+                for n in &nodes {
+                    *kinds.entry(format!("{:?}", n.dims())).or_insert(0usize) += 1;
+                }
+                eprintln!("{} nodes: {kinds:?}", nodes.len());
+            }
             let grads = loss.backward()?;
             let t2 = Instant::now();
             opt.step(&grads)?;
