@@ -35,20 +35,14 @@ impl<'a> Mat<'a> {
     }
 }
 
-fn gemm_par_min() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("TS_GEMM_PAR")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1 << 18)
-    })
-}
+/// Products below this many multiply-adds stay on the calling thread: waking rayon's workers costs
+/// about what splitting them saves (measured on the 48 x 64 decoder of `cargo xtask bench train`).
+const PAR_MIN_MACS: usize = 1 << 22;
 
 /// Whether a product of this size is worth splitting over threads.
 fn parallel(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    if threads > 1 && m * n * k >= gemm_par_min() {
+    if threads > 1 && m * n * k >= PAR_MIN_MACS {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

@@ -200,14 +200,6 @@ pub fn measure(config: TrainConfig, warmup: usize, steps: usize) -> Result<Measu
             // A mean over tokens, as F.cross_entropy's default reduction.
             let loss = (&mb.loss_sum / mb.ntokens as f64)?;
             let t1 = Instant::now();
-            if std::env::var("TS_NODES").is_ok() && i == 0 {
-                let nodes = loss.sorted_nodes();
-                let mut kinds = std::collections::BTreeMap::new();
-                for n in &nodes {
-                    *kinds.entry(format!("{:?}", n.dims())).or_insert(0usize) += 1;
-                }
-                eprintln!("{} nodes: {kinds:?}", nodes.len());
-            }
             let grads = loss.backward()?;
             let t2 = Instant::now();
             opt.step(&grads)?;
@@ -244,7 +236,18 @@ pub fn measure(config: TrainConfig, warmup: usize, steps: usize) -> Result<Measu
         };
         let enc = Encoder::new(&cfg, &opts, store.var_builder(DType::F32, &Device::Cpu))?;
         let toks = random_ids(&mut rng, b, t, 32000)?;
-        let w = Tensor::randn(0f32, 1.0, (b, t, 256), &Device::Cpu)?;
+        // Fixed loss weights, seeded like the model (candle's own generator cannot be seeded).
+        let w = ParamStore::new(1)
+            .var_builder(DType::F32, &Device::Cpu)
+            .get_with_hints(
+                (b, t, 256),
+                "w",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?
+            .detach();
         let inp = EncoderInputs {
             train: true,
             ..Default::default()
