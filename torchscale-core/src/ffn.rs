@@ -96,8 +96,13 @@ impl FeedForward {
 
     /// `[.., C] -> [.., C]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = apply(&self.fc1, x)?;
-        let h = self.cfg.activation.forward(&h)?;
+        let h = match self.cfg.activation {
+            // The projection and its activation in one fused op (one graph node, one pass back).
+            Activation::Gelu => {
+                torchscale_kernels::linear_gelu(x, self.fc1.weight(), self.fc1.bias())?
+            }
+            act => act.forward(&apply(&self.fc1, x)?)?,
+        };
         let h = dropout(&h, self.cfg.activation_dropout, train)?;
         let h = match &self.ffn_layernorm {
             Some(ln) => ln.forward(&h)?,

@@ -41,6 +41,24 @@ impl LayerNorm {
         &self.bias
     }
 
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// `LN(alpha * x + fx)`: a residual sum and its norm in one fused op on the CPU
+    /// (`torchscale_kernels::residual_layer_norm`), the same composed ops elsewhere.
+    pub fn residual_forward(&self, x: &Tensor, fx: &Tensor, alpha: f64) -> Result<Tensor> {
+        Ok(torchscale_kernels::residual_layer_norm(
+            x,
+            fx,
+            alpha,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+
     /// Normalises over the last dimension: the fused kernel with its own backward on the CPU
     /// (`torchscale_kernels::layer_norm`), composed candle ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

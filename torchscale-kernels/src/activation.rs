@@ -2,9 +2,11 @@
 //!
 //! candle's `gelu_erf` forward is one op already, but its backward builds about six temporaries;
 //! the fused backward is `dx = g (0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi))` in one
-//! pass. The erf is our own branch-free f32 approximation (max abs error about 1.5e-7), written so
-//! that the loops vectorize. The module also holds the small vector-math toolkit (exp, lane sums,
-//! per-CPU compilation) that softmax and LayerNorm share.
+//! pass. On AVX-512 CPUs both directions are table-driven piecewise polynomials (see `avx512`,
+//! about 0.13 ns per element on one core, 2.3x the portable kernels); elsewhere the erf is our own
+//! branch-free f32 approximation (max abs error about 1.5e-7), written so that the loops
+//! vectorize. The module also holds the small vector-math toolkit (exp, lane sums, per-CPU
+//! compilation) that softmax and LayerNorm share.
 
 use std::sync::Arc;
 
@@ -15,6 +17,9 @@ use rayon::prelude::*;
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, with_f32};
 use crate::switch::fused_enabled;
 use vmath::{fma, multiversion, poly, INV_SQRT_2PI};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Exact GELU of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors when fused kernels are on,
 /// [`gelu_erf_composed`] otherwise (f64 stays composed, so that it keeps f64 precision).
@@ -99,8 +104,50 @@ fn gelu_bwd_kernel<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-multiversion!(fn gelu_fwd = gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
-multiversion!(fn gelu_bwd = gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]));
+multiversion!(fn gelu_fwd_poly = gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
+multiversion!(fn gelu_bwd_poly = gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]));
+
+/// `y = gelu(x)` on one thread: the AVX-512 table kernels where the CPU has them.
+fn gelu_fwd(x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the CPU supports AVX-512F.
+        return unsafe { avx512::gelu_fwd(x, y) };
+    }
+    gelu_fwd_poly(x, y)
+}
+
+/// `dx = g gelu'(x)` on one thread: the AVX-512 table kernels where the CPU has them.
+fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the CPU supports AVX-512F.
+        return unsafe { avx512::gelu_bwd(x, g, dx) };
+    }
+    gelu_bwd_poly(x, g, dx)
+}
+
+/// `y = gelu(x)` over f32 slices of one length, split over threads when large.
+pub(crate) fn gelu_forward_f32(x: &[f32], y: &mut [f32]) {
+    if x.len() >= PARALLEL_MIN {
+        y.par_chunks_mut(TASK)
+            .zip(x.par_chunks(TASK))
+            .for_each(|(y, x)| gelu_fwd(x, y));
+    } else {
+        gelu_fwd(x, y);
+    }
+}
+
+/// `dx = g gelu'(x)` over f32 slices of one length, split over threads when large.
+pub(crate) fn gelu_backward_f32(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    if x.len() >= PARALLEL_MIN {
+        dx.par_chunks_mut(TASK)
+            .zip(x.par_chunks(TASK).zip(g.par_chunks(TASK)))
+            .for_each(|(d, (x, g))| gelu_bwd(x, g, d));
+    } else {
+        gelu_bwd(x, g, dx);
+    }
+}
 
 impl CustomOp1 for GeluOp {
     fn name(&self) -> &'static str {
@@ -110,13 +157,7 @@ impl CustomOp1 for GeluOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let xs = as_f32(s, l)?;
         let mut y = vec![0f32; xs.len()];
-        if xs.len() >= PARALLEL_MIN {
-            y.par_chunks_mut(TASK)
-                .zip(xs.par_chunks(TASK))
-                .for_each(|(y, x)| gelu_fwd(x, y));
-        } else {
-            gelu_fwd(&xs, &mut y);
-        }
+        gelu_forward_f32(&xs, &mut y);
         Ok((storage_from_f32(y, s.dtype())?, l.shape().clone()))
     }
 
@@ -127,13 +168,7 @@ impl CustomOp1 for GeluOp {
         let dx = with_f32(x, |xs| {
             with_f32(grad, |g| {
                 let mut dx = vec![0f32; xs.len()];
-                if xs.len() >= PARALLEL_MIN {
-                    dx.par_chunks_mut(TASK)
-                        .zip(xs.par_chunks(TASK).zip(g.par_chunks(TASK)))
-                        .for_each(|(d, (x, g))| gelu_bwd(x, g, d));
-                } else {
-                    gelu_bwd(xs, g, &mut dx);
-                }
+                gelu_backward_f32(xs, g, &mut dx);
                 Ok(dx)
             })
         })?;
@@ -357,6 +392,49 @@ mod tests {
             );
         }
         assert!(erf_and_gauss::<false>(f32::NAN).0.is_nan());
+    }
+
+    /// GELU and its derivative against f64 on a dense grid of [-10, 10], on every kernel this
+    /// CPU runs (the AVX-512 tables and the portable polynomials).
+    #[test]
+    fn gelu_kernels_are_accurate() {
+        let x: Vec<f32> = (-400_000..=400_000).map(|i| i as f32 * 2.5e-5).collect();
+        let g: Vec<f32> = (0..x.len()).map(|i| 1.0 - (i % 3) as f32 * 0.75).collect();
+        let z: Vec<f64> = x
+            .iter()
+            .map(|&v| f64::from(v) * std::f64::consts::FRAC_1_SQRT_2)
+            .collect();
+        let erf = erf_f64(&z);
+        type Kernels = (fn(&[f32], &mut [f32]), fn(&[f32], &[f32], &mut [f32]));
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut kernels: Vec<(&str, Kernels)> = vec![("portable", (gelu_fwd_poly, gelu_bwd_poly))];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            kernels.push(("avx512", (gelu_fwd, gelu_bwd)));
+        }
+        for (name, (fwd, bwd)) in kernels {
+            let (mut y, mut dx) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            fwd(&x, &mut y);
+            bwd(&x, &g, &mut dx);
+            let (mut ey, mut ed) = (0f64, 0f64);
+            for (i, &v) in x.iter().enumerate() {
+                let v = f64::from(v);
+                let cdf = 0.5 * (1.0 + erf[i]);
+                let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                ey = ey.max((f64::from(y[i]) - v * cdf).abs() / v.abs().max(1.0));
+                ed = ed.max((f64::from(dx[i]) - f64::from(g[i]) * (cdf + v * pdf)).abs());
+            }
+            assert!(ey < 3e-7, "{name} gelu relative error {ey:e}");
+            assert!(ed < 3e-7, "{name} gelu derivative error {ed:e}");
+            let special = [0.0f32, -0.0, 10.0, -10.0, f32::INFINITY, f32::NAN];
+            let (mut y, mut dx) = ([0f32; 6], [0f32; 6]);
+            fwd(&special, &mut y);
+            bwd(&special, &[1.0; 6], &mut dx);
+            assert_eq!(&y[..5], &[0.0, 0.0, 10.0, 0.0, f32::INFINITY], "{name}");
+            assert_eq!(&dx[..3], &[0.5, 0.5, 1.0], "{name}");
+            assert!(dx[3].abs() < 1e-20, "{name}: gelu'(-10) = {}", dx[3]);
+            assert!(y[5].is_nan() && dx[5].is_nan(), "{name}: NaN in, NaN out");
+        }
     }
 
     /// exp on (-inf, 0] against f64, relative, including the underflow cut.

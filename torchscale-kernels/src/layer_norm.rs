@@ -74,7 +74,7 @@ struct LayerNormOp {
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// Rows per parallel task (all rows when the work is small).
-fn rows_per_task(rows: usize, d: usize, tasks_per_thread: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize, d: usize, tasks_per_thread: usize) -> usize {
     if rows * d >= PARALLEL_MIN {
         rows.div_ceil(threads() * tasks_per_thread).max(1)
     } else {
@@ -84,7 +84,7 @@ fn rows_per_task(rows: usize, d: usize, tasks_per_thread: usize) -> usize {
 
 /// `(mean, 1 / sqrt(var + eps))` of one row.
 #[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = sum1(x, |v| v) / n;
     let var = sum1(x, |v| (v - mean) * (v - mean)) / n;
@@ -126,7 +126,7 @@ fn stats_kernel<const FMA: bool>(x: &[f32], d: usize, eps: f32, stats: &mut [f32
 /// Backward over a block of rows. `dx` is empty when `x` needs no gradient; `dwb` (`dw` then
 /// `db`, accumulated into) is empty when neither `w` nor `b` does.
 #[inline(always)]
-fn bwd_kernel<const FMA: bool>(
+pub(crate) fn bwd_kernel<const FMA: bool>(
     x: &[f32],
     g: &[f32],
     w: &[f32],

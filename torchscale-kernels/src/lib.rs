@@ -37,6 +37,8 @@ pub mod cross_entropy;
 mod gemm;
 pub mod layer_norm;
 pub mod linear;
+pub mod linear_act;
+pub mod residual_norm;
 pub mod softmax;
 pub mod switch;
 
@@ -44,5 +46,7 @@ pub use activation::{gelu_erf, gelu_erf_composed};
 pub use attention::{attention, attention_composed, attention_packed, AttentionOptions};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
+pub use linear_act::{linear_gelu, linear_gelu_composed};
+pub use residual_norm::{residual_layer_norm, residual_layer_norm_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
 pub use switch::{fused_enabled, with_fused};

@@ -65,20 +65,31 @@ fn forward(
     w: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
 ) -> Result<(CpuStorage, Shape)> {
-    let dtype = x.0.dtype();
     let (out_dim, in_dim) = (w.1.dims()[0], w.1.dims()[1]);
-    let rows = x.1.shape().elem_count() / in_dim.max(1);
+    let rows = leading_rows(x.1.dims());
     let xs = as_f32(x.0, x.1)?;
     let ws = as_f32(w.0, w.1)?;
+    let bs = b.map(|b| as_f32(b.0, b.1)).transpose()?;
+    let y = affine_f32((rows, out_dim, in_dim), &xs, &ws, bs.as_deref())?;
+    Ok((storage_from_f32(y, x.0.dtype())?, out_shape(x.1, w.1)))
+}
+
+/// `x @ w^T (+ b)` in f32 for row-major `x: [rows, in_dim]`, `w: [out_dim, in_dim]`,
+/// `b: [out_dim]`: one product over all rows, accumulated onto the bias rows when there is one.
+pub(crate) fn affine_f32(
+    (rows, out_dim, in_dim): (usize, usize, usize),
+    xs: &[f32],
+    ws: &[f32],
+    bs: Option<&[f32]>,
+) -> Result<Vec<f32>> {
     let mut y = vec![0f32; rows * out_dim];
-    let accumulate = if let Some(b) = b {
-        let bs = as_f32(b.0, b.1)?;
+    let accumulate = if let Some(bs) = bs {
         if worth_threading(y.len()) {
             y.par_chunks_mut(out_dim.max(1))
-                .for_each(|row| row.copy_from_slice(&bs));
+                .for_each(|row| row.copy_from_slice(bs));
         } else {
             y.chunks_mut(out_dim.max(1))
-                .for_each(|row| row.copy_from_slice(&bs));
+                .for_each(|row| row.copy_from_slice(bs));
         }
         true
     } else {
@@ -89,12 +100,18 @@ fn forward(
         &mut y,
         out_dim,
         accumulate,
-        Mat::rows(&xs, in_dim),
-        Mat::transposed(&ws, in_dim),
+        Mat::rows(xs, in_dim),
+        Mat::transposed(ws, in_dim),
         1.0,
         true,
     )?;
-    Ok((storage_from_f32(y, dtype)?, out_shape(x.1, w.1)))
+    Ok(y)
+}
+
+/// The number of rows of `x @ w^T`: the product of all but the last dimension (not the element
+/// count over the in-dim, which is 0 / 0 when the in-dim is 0).
+pub(crate) fn leading_rows(dims: &[usize]) -> usize {
+    dims[..dims.len().saturating_sub(1)].iter().product()
 }
 
 /// Column sums of a row-major `[rows, cols]` matrix, split over column blocks.
@@ -132,14 +149,16 @@ pub(crate) fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn backward(
+/// The gradients of `x @ w^T (+ b)` for an upstream `grad` (`db` only when `with_bias`), each
+/// only for an input that tracks gradients, in `x`'s dtype.
+pub(crate) fn backward(
     x: &Tensor,
     w: &Tensor,
     with_bias: bool,
     grad: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (out_dim, in_dim) = w.dims2()?;
-    let rows = x.elem_count() / in_dim.max(1);
+    let rows = leading_rows(x.dims());
     let dtype = x.dtype();
     with_f32(grad, |g| {
         let dx = if x.track_op() {

@@ -53,6 +53,10 @@ impl Residual for PostNormResidual {
     }
 
     fn post(&self, x: &Tensor, fx: &Tensor, branch: Branch) -> Result<Tensor> {
+        if let Multiway::Single(ln) = &self.norm {
+            // One fused op for the scaled sum and its norm (the same numbers as below).
+            return ln.residual_forward(x, fx, self.alpha);
+        }
         // torchscale multiplies the skip, not the sublayer output: `residual * alpha + x`.
         let skip = if self.alpha == 1.0 {
             x.clone()

@@ -1,0 +1,417 @@
+//! `LayerNorm(alpha * x + fx)` over the last dimension as one kernel each way: the residual of
+//! Post-LN (`alpha = 1`) and DeepNorm (`alpha > 1`) without the sum as a separate tensor.
+//!
+//! Forward, per row: the sum `s = alpha x + fx` is written into the output row, normalised in
+//! place there (two-pass statistics while the row sits in cache); only the per-row `[mean, rstd]`
+//! is kept. The backward recomputes each row of `s` from `x` and `fx` into a one-row scratch (one
+//! extra read instead of a kept `[rows, C]` tensor), runs the LayerNorm row backward on it for
+//! `ds`, and hands `ds` to `fx` and `alpha ds` to `x`. `weight` and `bias` travel as one
+//! concatenated `[2C]` input (candle's `cat` backward splits their gradient).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::activation::vmath::{fma, multiversion};
+use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, with_f32, BackendStorage};
+use crate::layer_norm::{bwd_kernel, layer_norm, row_stats, rows_per_task};
+use crate::switch::fused_enabled;
+
+/// LayerNorm (`torch.nn.LayerNorm`: biased variance, affine) over the last dimension of
+/// `alpha * x + fx`, statistics in f32: the fused kernel on CPU float tensors when fused kernels
+/// are on, [`residual_layer_norm_composed`] otherwise (f64 stays composed, keeping its precision).
+/// `x` and `fx` have one shape and dtype; `weight` and `bias` are `[C]`, in `x`'s dtype or f32
+/// under half activations. The output has `x`'s dtype.
+pub fn residual_layer_norm(
+    x: &Tensor,
+    fx: &Tensor,
+    alpha: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let Some(&width) = x.dims().last() else {
+        bail!("residual_layer_norm: x must have at least one dimension, got a scalar");
+    };
+    if fx.dims() != x.dims() {
+        bail!(
+            "residual_layer_norm: fx {:?} must have the shape of x {:?}",
+            fx.dims(),
+            x.dims()
+        );
+    }
+    if x.dtype() != fx.dtype() {
+        bail!(
+            "residual_layer_norm: fx is {:?} but x is {:?}",
+            fx.dtype(),
+            x.dtype()
+        );
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [width] {
+            bail!(
+                "residual_layer_norm: {name} {:?} must be [{width}] for x {:?}",
+                t.dims(),
+                x.dims()
+            );
+        }
+    }
+    if !fused_enabled()
+        || !cpu_float(&[x, fx, weight, bias])
+        || x.dtype() == DType::F64
+        || weight.dtype() != bias.dtype()
+        || x.elem_count() == 0
+    {
+        return residual_layer_norm_composed(x, fx, alpha, weight, bias, eps);
+    }
+    let wb = Tensor::cat(&[weight, bias], 0)?;
+    let op = ResidualNormOp {
+        alpha: alpha as f32,
+        eps: eps as f32,
+        stats: Mutex::new(None),
+    };
+    x.apply_op3_arc(fx, &wb, Arc::new(Box::new(op)))
+}
+
+/// The scaled skip, the sum and [`layer_norm`] as separate ops, exactly as torchscale-norm's
+/// Post-LN residual computes them: the reference for the fused kernel.
+pub fn residual_layer_norm_composed(
+    x: &Tensor,
+    fx: &Tensor,
+    alpha: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let skip = if alpha == 1.0 {
+        x.clone()
+    } else {
+        (x * alpha)?
+    };
+    layer_norm(&(skip + fx)?, weight, bias, eps)
+}
+
+/// The fused op; `stats` holds `[mean, rstd]` per row from the forward for the backward.
+struct ResidualNormOp {
+    alpha: f32,
+    eps: f32,
+    stats: Mutex<Option<Vec<f32>>>,
+}
+
+/// `s = x * alpha + fx`, rounded as the composed version rounds it (product, then sum).
+#[inline(always)]
+fn residual_sum(x: &[f32], fx: &[f32], alpha: f32, s: &mut [f32]) {
+    for ((s, &x), &f) in s.iter_mut().zip(x).zip(fx) {
+        *s = x * alpha + f;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fwd_kernel<const FMA: bool>(
+    x: &[f32],
+    fx: &[f32],
+    alpha: f32,
+    wb: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    stats: &mut [f32],
+) {
+    let d = wb.len() / 2;
+    let (w, b) = wb.split_at(d);
+    for (((x, fx), y), st) in x
+        .chunks_exact(d)
+        .zip(fx.chunks_exact(d))
+        .zip(y.chunks_exact_mut(d))
+        .zip(stats.chunks_exact_mut(2))
+    {
+        residual_sum(x, fx, alpha, y);
+        let (mean, rstd) = row_stats(y, eps);
+        for ((y, &w), &b) in y.iter_mut().zip(w).zip(b) {
+            *y = fma::<FMA>((*y - mean) * rstd, w, b);
+        }
+        st[0] = mean;
+        st[1] = rstd;
+    }
+}
+
+/// Recomputes `[mean, rstd]` per row (when the forward's are not at hand).
+#[inline(always)]
+fn stats_kernel<const FMA: bool>(
+    x: &[f32],
+    fx: &[f32],
+    alpha: f32,
+    eps: f32,
+    stats: &mut [f32],
+    s: &mut [f32],
+) {
+    let d = s.len();
+    for ((x, fx), st) in x
+        .chunks_exact(d)
+        .zip(fx.chunks_exact(d))
+        .zip(stats.chunks_exact_mut(2))
+    {
+        residual_sum(x, fx, alpha, s);
+        (st[0], st[1]) = row_stats(s, eps);
+    }
+}
+
+/// The inputs of the backward over a block of rows.
+struct BwdRows<'a> {
+    x: &'a [f32],
+    fx: &'a [f32],
+    g: &'a [f32],
+    w: &'a [f32],
+    stats: &'a [f32],
+    alpha: f32,
+    /// Multiply `ds` by `alpha` (only `x` needs a gradient).
+    scale_ds: bool,
+}
+
+/// The outputs of the backward over a block of rows. `ds` (empty when neither `x` nor `fx` needs
+/// a gradient) gets the gradient of the sum; `dx` (empty unless both do and `alpha != 1`) gets
+/// `alpha ds`; `dwb` (`dw` then `db`, accumulated into) is empty when neither `w` nor `b` needs a
+/// gradient; `s` is a one-row scratch.
+struct BwdOut<'a> {
+    ds: &'a mut [f32],
+    dx: &'a mut [f32],
+    dwb: &'a mut [f32],
+    s: &'a mut [f32],
+}
+
+#[inline(always)]
+fn bwd_task_kernel<const FMA: bool>(i: &BwdRows<'_>, o: &mut BwdOut<'_>) {
+    let d = i.w.len();
+    for (row, st) in i.stats.chunks_exact(2).enumerate() {
+        let at = row * d..(row + 1) * d;
+        residual_sum(&i.x[at.clone()], &i.fx[at.clone()], i.alpha, o.s);
+        let ds = if o.ds.is_empty() {
+            &mut []
+        } else {
+            &mut o.ds[at.clone()]
+        };
+        bwd_kernel::<FMA>(o.s, &i.g[at.clone()], i.w, st, ds, o.dwb);
+        if !o.dx.is_empty() {
+            for (dx, &v) in o.dx[at].iter_mut().zip(ds.iter()) {
+                *dx = i.alpha * v;
+            }
+        } else if i.scale_ds {
+            ds.iter_mut().for_each(|v| *v *= i.alpha);
+        }
+    }
+}
+
+multiversion!(fn fwd_rows = fwd_kernel(
+    x: &[f32], fx: &[f32], alpha: f32, wb: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]
+));
+multiversion!(fn stats_rows = stats_kernel(
+    x: &[f32], fx: &[f32], alpha: f32, eps: f32, stats: &mut [f32], s: &mut [f32]
+));
+multiversion!(fn bwd_rows = bwd_task_kernel(i: &BwdRows<'_>, o: &mut BwdOut<'_>));
+
+/// `buf` cut into `tasks` pieces of `len` elements (the last one shorter), or `tasks` empty
+/// slices when `buf` is empty (an output nobody needs).
+fn pieces(buf: &mut [f32], len: usize, tasks: usize) -> Vec<&mut [f32]> {
+    if buf.is_empty() {
+        (0..tasks).map(|_| <&mut [f32]>::default()).collect()
+    } else {
+        buf.chunks_mut(len).collect()
+    }
+}
+
+/// Which gradients the backward computes.
+#[derive(Clone, Copy)]
+struct Needs {
+    x: bool,
+    fx: bool,
+    wb: bool,
+}
+
+impl ResidualNormOp {
+    /// Per-row statistics of `alpha x + fx` (rows of width `d`), computed in parallel.
+    fn compute_stats(&self, x: &[f32], fx: &[f32], d: usize) -> Vec<f32> {
+        let rows = x.len() / d;
+        let mut stats = vec![0f32; 2 * rows];
+        let step = rows_per_task(rows, d, 4);
+        let run = |(st, (x, fx)): (&mut [f32], (&[f32], &[f32]))| {
+            stats_rows(x, fx, self.alpha, self.eps, st, &mut vec![0f32; d]);
+        };
+        if step >= rows {
+            run((&mut stats, (x, fx)));
+        } else {
+            stats
+                .par_chunks_mut(2 * step)
+                .zip(x.par_chunks(step * d).zip(fx.par_chunks(step * d)))
+                .for_each(run);
+        }
+        stats
+    }
+
+    /// `(ds, dx, [dw, db])` in f32: `ds` is the gradient of the sum (times `alpha` when only
+    /// `x` needs one), `dx = alpha ds` when both `x` and `fx` need one and `alpha != 1`; unneeded
+    /// outputs are empty.
+    fn backward(
+        &self,
+        x: &[f32],
+        fx: &[f32],
+        g: &[f32],
+        w: &[f32],
+        needs: Needs,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = w.len();
+        let rows = x.len() / d;
+        let guard = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let recomputed;
+        let stats = match guard.as_deref() {
+            Some(s) if s.len() == 2 * rows => s,
+            _ => {
+                recomputed = self.compute_stats(x, fx, d);
+                &recomputed
+            }
+        };
+        let alloc = |on: bool| if on { vec![0f32; x.len()] } else { Vec::new() };
+        let mut ds = alloc(needs.x || needs.fx);
+        let mut dx = alloc(needs.x && needs.fx && self.alpha != 1.0);
+        let scale_ds = needs.x && !needs.fx && self.alpha != 1.0;
+        // One task per thread: each owns a `[dw, db]` partial, so the tasks stay few.
+        let step = rows_per_task(rows, d, 1);
+        let tasks = rows.div_ceil(step);
+        let mut outs: Vec<_> = pieces(&mut ds, step * d, tasks)
+            .into_iter()
+            .zip(pieces(&mut dx, step * d, tasks))
+            .collect();
+        let task = |t: usize, (ds, dx): &mut (&mut [f32], &mut [f32])| {
+            let r = t * step * d..((t + 1) * step).min(rows) * d;
+            let mut dwb = if needs.wb {
+                vec![0f32; 2 * d]
+            } else {
+                Vec::new()
+            };
+            let rows = BwdRows {
+                x: &x[r.clone()],
+                fx: &fx[r.clone()],
+                g: &g[r.clone()],
+                w,
+                stats: &stats[2 * (r.start / d)..2 * (r.end / d)],
+                alpha: self.alpha,
+                scale_ds,
+            };
+            let mut out = BwdOut {
+                ds,
+                dx,
+                dwb: &mut dwb,
+                s: &mut vec![0f32; d],
+            };
+            bwd_rows(&rows, &mut out);
+            dwb
+        };
+        let partials: Vec<Vec<f32>> = if tasks <= 1 {
+            // One task: run it here (handing it to rayon's pool costs more than it takes).
+            outs.iter_mut()
+                .enumerate()
+                .map(|(t, o)| task(t, o))
+                .collect()
+        } else {
+            outs.par_iter_mut()
+                .enumerate()
+                .map(|(t, o)| task(t, o))
+                .collect()
+        };
+        drop(outs);
+        let mut parts = partials.into_iter();
+        let mut dwb = parts.next().unwrap_or_default();
+        for p in parts {
+            for (a, b) in dwb.iter_mut().zip(&p) {
+                *a += b;
+            }
+        }
+        (ds, dx, dwb)
+    }
+}
+
+impl CustomOp3 for ResidualNormOp {
+    fn name(&self) -> &'static str {
+        "torchscale-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l3.shape().elem_count() / 2;
+        if l1.dims().last() != Some(&d) || l1.dims() != l2.dims() || d == 0 {
+            bail!(
+                "residual_layer_norm: x {:?}, fx {:?}, weight and bias {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let (xs, fxs, wb) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
+        let rows = xs.len() / d;
+        let mut y = vec![0f32; xs.len()];
+        let mut stats = vec![0f32; 2 * rows];
+        let step = rows_per_task(rows, d, 4);
+        if step >= rows {
+            fwd_rows(&xs, &fxs, self.alpha, &wb, self.eps, &mut y, &mut stats);
+        } else {
+            y.par_chunks_mut(step * d)
+                .zip(xs.par_chunks(step * d).zip(fxs.par_chunks(step * d)))
+                .zip(stats.par_chunks_mut(2 * step))
+                .for_each(|((y, (x, fx)), st)| fwd_rows(x, fx, self.alpha, &wb, self.eps, y, st));
+        }
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        Ok((storage_from_f32(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        fx: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let needs = Needs {
+            x: x.track_op(),
+            fx: fx.track_op(),
+            wb: wb.track_op(),
+        };
+        if !(needs.x || needs.fx || needs.wb) {
+            return Ok((None, None, None));
+        }
+        let d = wb.elem_count() / 2;
+        let (ds, dx, dwb) = with_f32(x, |xs| {
+            with_f32(fx, |fxs| {
+                with_f32(grad, |g| {
+                    with_f32(wb, |wb| Ok(self.backward(xs, fxs, g, &wb[..d], needs)))
+                })
+            })
+        })?;
+        let dwb = if needs.wb {
+            Some(tensor_from_f32(dwb, 2 * d, wb.dtype())?)
+        } else {
+            None
+        };
+        let ds = if needs.x || needs.fx {
+            Some(tensor_from_f32(ds, x.shape(), x.dtype())?)
+        } else {
+            None
+        };
+        let (dx, dfx) = match (needs.x, needs.fx) {
+            // alpha = 1: one tensor for both (candle's gradient store adds it to each input's
+            // sum out of place, never writing into it).
+            (true, true) if dx.is_empty() => (ds.clone(), ds),
+            (true, true) => (Some(tensor_from_f32(dx, x.shape(), x.dtype())?), ds),
+            (true, false) => (ds, None),
+            _ => (None, ds),
+        };
+        Ok((dx, dfx, dwb))
+    }
+}
