@@ -15,17 +15,26 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, with_f32};
+use crate::cuda::cuda_float;
 use crate::switch::fused_enabled;
 use vmath::{fma, multiversion, poly, INV_SQRT_2PI};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-/// Exact GELU of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors when fused kernels are on,
-/// [`gelu_erf_composed`] otherwise (f64 stays composed, so that it keeps f64 precision).
+/// Exact GELU of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors (and, with the `cuda`
+/// feature, on CUDA ones) when fused kernels are on, [`gelu_erf_composed`] otherwise (f64 stays composed, so that it keeps f64 precision).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !fused_enabled() || !cpu_float(&[x]) || x.dtype() == DType::F64 {
+    let on_cuda = cuda_float(&[x]);
+    if !fused_enabled() || !(cpu_float(&[x]) || on_cuda) || x.dtype() == DType::F64 {
         return gelu_erf_composed(x);
+    }
+    if on_cuda {
+        if x.elem_count() == 0 {
+            return gelu_erf_composed(x);
+        }
+        // The CUDA kernel reads the elements in place: a strided input is copied once here.
+        return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(GeluOp)));
     }
     x.apply_op1_arc(Arc::new(Box::new(GeluOp)))
 }
@@ -161,9 +170,22 @@ impl CustomOp1 for GeluOp {
         Ok((storage_from_f32(y, s.dtype())?, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::gelu::forward(s, l)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if !x.track_op() {
             return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::gelu::backward(x, grad).map(Some);
         }
         let dx = with_f32(x, |xs| {
             with_f32(grad, |g| {

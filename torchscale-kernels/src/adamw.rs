@@ -14,6 +14,9 @@ use rayon::prelude::*;
 use crate::cpu::as_f32;
 use crate::cross_entropy::{has_avx512, Elem};
 
+mod tensors;
+pub use tensors::adamw_update_tensors;
+
 /// The hyper-parameters of one AdamW update of one parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -85,6 +88,20 @@ impl Consts {
             step_size: (s.lr / bc1) as f32,
         }
     }
+
+    /// The constants in the order of the CUDA kernel's arguments (`kernels/adamw.cu`).
+    #[cfg(feature = "cuda")]
+    fn kernel_args(&self) -> [f32; 7] {
+        [
+            self.decay,
+            self.one_minus_b1,
+            self.b2,
+            self.one_minus_b2,
+            self.inv_bc2,
+            self.eps,
+            self.step_size,
+        ]
+    }
 }
 
 /// Updates `param` (CPU, f32 / f16 / bf16, contiguous) in place from `grad` (same shape, any
@@ -122,7 +139,7 @@ pub fn adamw_update(
     }
     if !param.device().is_cpu() || !grad.device().is_cpu() {
         bail!(
-            "adamw: fused update on CPU tensors only, got {:?}",
+            "adamw: host moments need CPU tensors, got {:?} (see adamw_update_tensors)",
             param.device()
         );
     }

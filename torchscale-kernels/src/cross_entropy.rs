@@ -16,6 +16,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cpu::{as_f32, cpu_float, worth_threading};
+use crate::cuda::cuda_float;
 use crate::switch::fused_enabled;
 
 /// Summed label-smoothed cross entropy over the rows of `logits` (`[N, V]`) whose target is not
@@ -24,7 +25,8 @@ use crate::switch::fused_enabled;
 ///
 /// With `lp = log_softmax(logits)` (f32) and `eps_i = eps / (V − 1)` (0 when `eps = 0`), a kept row
 /// with target `t` adds `nll = −lp[t]` and `loss = (1 − eps − eps_i)·nll + eps_i·Σ_v(−lp[v])`.
-/// The fused kernel runs on CPU float logits when fused kernels are on, the composed version
+/// The fused kernel runs on CPU float logits (and, with the `cuda` feature, on CUDA f32 / f16 /
+/// bf16 logits) when fused kernels are on, the composed version
 /// ([`label_smoothed_ce_composed`]) otherwise.
 pub fn label_smoothed_ce(
     logits: &Tensor,
@@ -33,15 +35,26 @@ pub fn label_smoothed_ce(
     ignore_index: Option<u32>,
 ) -> Result<Tensor> {
     validate(logits, targets, epsilon, ignore_index)?;
-    if !fused_enabled() || !cpu_float(&[logits]) {
+    let on_cuda = cuda_float(&[logits]);
+    if !fused_enabled()
+        || !(cpu_float(&[logits]) || on_cuda)
+        || (on_cuda && logits.elem_count() == 0)
+    {
         return label_smoothed_ce_composed(logits, targets, epsilon, ignore_index);
     }
-    logits.apply_op1(CeOp {
+    let op = CeOp {
         targets: targets.to_vec(),
         epsilon,
         ignore_index,
         lse: OnceLock::new(),
-    })
+        #[cfg(feature = "cuda")]
+        cuda: Default::default(),
+    };
+    if on_cuda {
+        // The CUDA kernels read rows in place: strided logits are copied once here.
+        return logits.contiguous()?.apply_op1(op);
+    }
+    logits.apply_op1(op)
 }
 
 /// The composed candle version of [`label_smoothed_ce`] (the reference the kernel is tested
@@ -121,11 +134,23 @@ struct CeOp {
     epsilon: f64,
     ignore_index: Option<u32>,
     lse: OnceLock<Vec<Lse>>,
+    /// The targets and per-row log-sum-exp on the device (CUDA forward).
+    #[cfg(feature = "cuda")]
+    cuda: std::sync::Mutex<Option<crate::cuda::cross_entropy::Saved>>,
 }
 
 impl CeOp {
     fn kept(&self, t: u32) -> bool {
         self.ignore_index != Some(t)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_params(&self, v: usize) -> crate::cuda::cross_entropy::Params {
+        crate::cuda::cross_entropy::Params {
+            epsilon: self.epsilon,
+            eps_i: smoothing_share(self.epsilon, v),
+            ignore_index: self.ignore_index,
+        }
     }
 }
 
@@ -449,7 +474,29 @@ impl CustomOp1 for CeOp {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let v = l.dims().get(1).copied().unwrap_or(0);
+        let p = self.cuda_params(v);
+        let (out, shape, saved) = crate::cuda::cross_entropy::forward(s, l, &self.targets, p)?;
+        *self.cuda.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((out, shape))
+    }
+
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let saved = self.cuda.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(saved) = saved.as_ref() else {
+                bail!("label_smoothed_ce: backward before forward");
+            };
+            let p = self.cuda_params(logits.dims2()?.1);
+            return crate::cuda::cross_entropy::backward(logits, grad, saved, p).map(Some);
+        }
         let Some(lse) = self.lse.get() else {
             bail!("label_smoothed_ce: backward before forward");
         };

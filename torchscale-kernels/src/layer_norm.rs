@@ -14,10 +14,12 @@ use rayon::prelude::*;
 
 use crate::activation::vmath::{fma, hsum, multiversion, sum1, LANES};
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32};
+use crate::cuda::cuda_float;
 use crate::switch::fused_enabled;
 
 /// LayerNorm of `x` over its last dimension with `weight` and `bias` of that width: the fused
-/// kernel on CPU float tensors when fused kernels are on, [`layer_norm_composed`] otherwise (an
+/// kernel on CPU float tensors (and, with the `cuda` feature, on CUDA f32 / f16 / bf16 tensors)
+/// when fused kernels are on, [`layer_norm_composed`] otherwise (an
 /// f64 `x` stays composed, keeping f64 precision). `weight` and `bias` may have another dtype than
 /// `x` (f32 norms under bf16 activations); the output has `x`'s dtype, their gradients theirs.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -32,8 +34,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             x.dims()
         );
     }
+    let ts = [x, weight, bias];
+    let on_cuda = cuda_float(&ts);
     if !fused_enabled()
-        || !cpu_float(&[x, weight, bias])
+        || !(cpu_float(&ts) || on_cuda)
         || x.dtype() == DType::F64
         || x.elem_count() == 0
     {
@@ -42,7 +46,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let op = LayerNormOp {
         eps: eps as f32,
         stats: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        cuda_stats: Default::default(),
     };
+    // The CUDA kernels read rows in place: a strided input is copied once here.
+    let x = if on_cuda { x.contiguous()? } else { x.clone() };
     x.apply_op3_arc(weight, bias, Arc::new(Box::new(op)))
 }
 
@@ -68,6 +76,9 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 struct LayerNormOp {
     eps: f32,
     stats: Mutex<Option<Vec<f32>>>,
+    /// The forward's `[mean, rstd]` per row on the device (CUDA forward).
+    #[cfg(feature = "cuda")]
+    cuda_stats: crate::cuda::norm::Stats,
 }
 
 /// Below this many elements the rows stay on the calling thread.
@@ -333,6 +344,21 @@ impl CustomOp3 for LayerNormOp {
         Ok((storage_from_f32(y, s1.dtype())?, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (y, stats) = crate::cuda::norm::layer_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        *self.cuda_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -344,6 +370,18 @@ impl CustomOp3 for LayerNormOp {
         let (need_dx, need_w, need_b) = (x.track_op(), w.track_op(), b.track_op());
         if !(need_dx || need_w || need_b) {
             return Ok((None, None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let stats = self.cuda_stats.lock().unwrap_or_else(|e| e.into_inner());
+            let needs = (need_dx, need_w, need_b);
+            return crate::cuda::norm::layer_norm_bwd(
+                (x, w, b),
+                grad,
+                stats.as_ref(),
+                self.eps,
+                needs,
+            );
         }
         let (dx, mut dwb) = with_f32(x, |xs| {
             with_f32(grad, |g| {

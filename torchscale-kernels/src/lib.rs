@@ -4,8 +4,11 @@
 //! Each op here replaces a chain of small candle ops (each allocating its output, each adding a
 //! node whose gradient candle accumulates into a fresh zero tensor) by one kernel forward and one
 //! backward, computes in f32 whatever the input dtype, and reads transposed operands in place.
-//! Each public function falls back to its composed candle version when the tensors are not on the
-//! CPU, when the kernels are switched off (`TORCHSCALE_FUSED=0`, or [`with_fused`] on one thread),
+//! With the `cuda` feature the same ops run on CUDA tensors (see [`cuda`]): kernels of their own
+//! for LayerNorm, residual LayerNorm, softmax, GELU, cross entropy and AdamW, cuBLAS products on
+//! the flattened rows for the linear layers, cuBLAS batched products around the fused softmax
+//! for attention. Each public function falls back to its composed candle version when the
+//! tensors are on neither device the kernels cover, when the kernels are switched off (`TORCHSCALE_FUSED=0`, or [`with_fused`] on one thread),
 //! or for inputs the kernel does not cover; the tests hold every kernel to its composed version,
 //! forward and backward.
 //!
@@ -34,6 +37,7 @@ pub mod alloc;
 pub mod attention;
 mod cpu;
 pub mod cross_entropy;
+pub mod cuda;
 mod gemm;
 pub mod layer_norm;
 pub mod linear;

@@ -12,16 +12,22 @@ use crate::cpu::{
     as_f32, chunks, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32,
     worth_threading, BackendStorage,
 };
+use crate::cuda::cuda_float;
 use crate::gemm::{matmul, Mat};
 use crate::switch::fused_enabled;
 
 /// `x @ w^T (+ b)` over the last dimension of `x` (`w: [out, in]`, `b: [out]`): the fused kernel on
 /// CPU f32 / f16 / bf16 tensors of one dtype when fused kernels are on, [`linear_composed`]
-/// otherwise (f64 included, so that it keeps its precision).
+/// otherwise (f64 included, so that it keeps its precision). On CUDA tensors (feature `cuda`,
+/// fused kernels on) it is candle's cuBLAS matmul on `x` flattened to `[rows, in]`: one product
+/// each way over every row, where the composed version multiplies batch by batch.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let same_dtype = w.dtype() == x.dtype() && b.is_none_or(|b| b.dtype() == x.dtype());
     let mut all = vec![x, w];
     all.extend(b);
+    if fused_enabled() && same_dtype && cuda_float(&all) {
+        return linear_rows(x, w, b);
+    }
     // f64 keeps its precision on the composed path (the kernel computes in f32).
     if !fused_enabled() || !same_dtype || x.dtype() == DType::F64 || !cpu_float(&all) {
         return linear_composed(x, w, b);
@@ -42,6 +48,35 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => x.apply_op3_arc(w, b, std::sync::Arc::new(Box::new(LinearOp))),
         None => x.apply_op2_arc(w, std::sync::Arc::new(Box::new(LinearOp))),
     }
+}
+
+/// `x @ w^T (+ b)` as one candle matmul over `x` flattened to `[rows, in]` (`w^T` read in place
+/// by cuBLAS), so that the backward is one product for `dx` and one for `dw` over all rows; the
+/// bias is broadcast over the rows (its gradient one column sum).
+fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    if x.dims().last() != Some(&in_dim) {
+        candle_core::bail!(
+            "linear: input {:?} does not end in the weight's in-dim {in_dim}",
+            x.dims()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [out_dim] {
+            candle_core::bail!("linear: bias {:?}, expected [{out_dim}]", b.dims());
+        }
+    }
+    let rows = leading_rows(x.dims());
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_dim;
+    }
+    y.reshape(dims)
 }
 
 /// candle_nn's `Linear` (the reference the fused kernel is tested against).

@@ -13,12 +13,15 @@ use candle_core::{
 
 use crate::activation::{gelu_backward_f32, gelu_erf, gelu_forward_f32};
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, with_f32, BackendStorage};
+use crate::cuda::cuda_float;
 use crate::linear::{affine_f32, backward as linear_backward, leading_rows, linear};
 use crate::switch::fused_enabled;
 
 /// Exact (erf) GELU of `x @ w^T (+ b)` over the last dimension of `x` (`w: [out, in]`,
 /// `b: [out]`): the fused kernel on CPU f32 / f16 / bf16 tensors of one dtype when fused kernels
 /// are on, [`linear_gelu_composed`] otherwise (f64 included, so that it keeps its precision).
+/// On CUDA tensors (feature `cuda`, fused kernels on) it is [`linear`]'s cuBLAS product on the
+/// flattened rows, then the CUDA GELU kernel: two graph nodes, each fused.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let &[out_dim, in_dim] = w.dims() else {
         bail!(
@@ -45,6 +48,11 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     let same_dtype = w.dtype() == x.dtype() && b.is_none_or(|b| b.dtype() == x.dtype());
     let mut all = vec![x, w];
     all.extend(b);
+    if fused_enabled() && same_dtype && cuda_float(&all) {
+        // The products go to cuBLAS; a fused product + GELU op would hold the pre-activation
+        // the same way the two ops do.
+        return linear_gelu_composed(x, w, b);
+    }
     if !fused_enabled() || !same_dtype || x.dtype() == DType::F64 || !cpu_float(&all) {
         return linear_gelu_composed(x, w, b);
     }

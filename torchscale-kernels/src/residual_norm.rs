@@ -15,12 +15,13 @@ use rayon::prelude::*;
 
 use crate::activation::vmath::{fma, multiversion};
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, with_f32, BackendStorage};
+use crate::cuda::cuda_float;
 use crate::layer_norm::{bwd_kernel, layer_norm, row_stats, rows_per_task};
 use crate::switch::fused_enabled;
 
 /// LayerNorm (`torch.nn.LayerNorm`: biased variance, affine) over the last dimension of
-/// `alpha * x + fx`, statistics in f32: the fused kernel on CPU float tensors when fused kernels
-/// are on, [`residual_layer_norm_composed`] otherwise (f64 stays composed, keeping its precision).
+/// `alpha * x + fx`, statistics in f32: the fused kernel on CPU float tensors (and, with the
+/// `cuda` feature, on CUDA f32 / f16 / bf16 tensors) when fused kernels are on, [`residual_layer_norm_composed`] otherwise (f64 stays composed, keeping its precision).
 /// `x` and `fx` have one shape and dtype; `weight` and `bias` are `[C]`, in `x`'s dtype or f32
 /// under half activations. The output has `x`'s dtype.
 pub fn residual_layer_norm(
@@ -57,8 +58,10 @@ pub fn residual_layer_norm(
             );
         }
     }
+    let ts = [x, fx, weight, bias];
+    let on_cuda = cuda_float(&ts);
     if !fused_enabled()
-        || !cpu_float(&[x, fx, weight, bias])
+        || !(cpu_float(&ts) || on_cuda)
         || x.dtype() == DType::F64
         || weight.dtype() != bias.dtype()
         || x.elem_count() == 0
@@ -70,7 +73,15 @@ pub fn residual_layer_norm(
         alpha: alpha as f32,
         eps: eps as f32,
         stats: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        cuda_stats: Default::default(),
     };
+    if on_cuda {
+        // The CUDA kernels read rows in place: strided inputs are copied once here.
+        return x
+            .contiguous()?
+            .apply_op3_arc(&fx.contiguous()?, &wb, Arc::new(Box::new(op)));
+    }
     x.apply_op3_arc(fx, &wb, Arc::new(Box::new(op)))
 }
 
@@ -97,6 +108,9 @@ struct ResidualNormOp {
     alpha: f32,
     eps: f32,
     stats: Mutex<Option<Vec<f32>>>,
+    /// The forward's `[mean, rstd]` per row on the device (CUDA forward).
+    #[cfg(feature = "cuda")]
+    cuda_stats: crate::cuda::norm::Stats,
 }
 
 /// `s = x * alpha + fx`, rounded as the composed version rounds it (product, then sum).
@@ -370,6 +384,22 @@ impl CustomOp3 for ResidualNormOp {
         Ok((storage_from_f32(y, s1.dtype())?, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (y, stats) =
+            crate::cuda::norm::residual_fwd((s1, l1), (s2, l2), (s3, l3), self.alpha, self.eps)?;
+        *self.cuda_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -385,6 +415,18 @@ impl CustomOp3 for ResidualNormOp {
         };
         if !(needs.x || needs.fx || needs.wb) {
             return Ok((None, None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let stats = self.cuda_stats.lock().unwrap_or_else(|e| e.into_inner());
+            return crate::cuda::norm::residual_bwd(
+                (x, fx, wb),
+                grad,
+                stats.as_ref(),
+                self.alpha,
+                self.eps,
+                (needs.x, needs.fx, needs.wb),
+            );
         }
         let d = wb.elem_count() / 2;
         let (ds, dx, dwb) = with_f32(x, |xs| {

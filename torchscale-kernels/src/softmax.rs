@@ -12,17 +12,27 @@ use rayon::prelude::*;
 
 use crate::activation::vmath::{exp_nonpos, hmax, hsum, multiversion, sum1, sum2, LANES};
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, threads, with_f32};
+use crate::cuda::cuda_float;
 use crate::switch::fused_enabled;
 
-/// Softmax over the last dimension of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors when
-/// fused kernels are on, [`softmax_last_dim_composed`] otherwise (f64 stays composed, keeping f64
+/// Softmax over the last dimension of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors (and,
+/// with the `cuda` feature, on CUDA ones) when fused kernels are on, [`softmax_last_dim_composed`] otherwise (f64 stays composed, keeping f64
 /// precision). `-inf` entries get probability 0; a row of only `-inf` gives NaN, as composed.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last_dim: needs at least one dimension, got a scalar");
     }
-    if !fused_enabled() || !cpu_float(&[x]) || x.dtype() == DType::F64 || x.elem_count() == 0 {
+    let on_cuda = cuda_float(&[x]);
+    if !fused_enabled()
+        || !(cpu_float(&[x]) || on_cuda)
+        || x.dtype() == DType::F64
+        || x.elem_count() == 0
+    {
         return softmax_last_dim_composed(x);
+    }
+    if on_cuda {
+        // The CUDA kernel reads rows in place: a strided input is copied once here.
+        return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(SoftmaxOp)));
     }
     x.apply_op1_arc(Arc::new(Box::new(SoftmaxOp)))
 }
@@ -173,9 +183,22 @@ impl CustomOp1 for SoftmaxOp {
         Ok((storage_from_f32(y, s.dtype())?, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax::forward(s, l)
+    }
+
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if !x.track_op() {
             return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        if res.device().is_cuda() {
+            return crate::cuda::softmax::backward(res, grad).map(Some);
         }
         let d = x.dims().last().copied().unwrap_or(1).max(1);
         let dx = with_f32(res, |y| {

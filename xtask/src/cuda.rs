@@ -3,9 +3,10 @@
 //!
 //! `build` installs the pinned CUDA 13.0 toolkit from PyPI into `target/cuda-sdk/venv`, writes
 //! the link folder `target/cuda-sdk/link` (see [`toolkit::Toolkit::ensure_link_dir`]), builds
-//! the `cuda_*` tests and examples of torchscale-moe with `--features cuda` in release into
-//! `target/cuda` (never touching the CPU builds in `target/`), and packs them stripped and
-//! xz-compressed with `run.sh` into `target/cuda-carry` (carry that folder to the GPU machine).
+//! the `cuda_*` tests and examples of the [`CUDA_CRATES`] (torchscale-moe's MoE kernels,
+//! torchscale-kernels' fused kernels) with their `cuda` features in release into `target/cuda`
+//! (never touching the CPU builds in `target/`), and packs them stripped and xz-compressed with
+//! `run.sh` into `target/cuda-carry` (carry that folder to the GPU machine).
 //! `run` executes `run.sh` there: unxz, `LD_LIBRARY_PATH` at the pip CUDA 13 libraries, the
 //! tests, then the benchmarks. On a machine without cargo, `bash target/cuda-carry/run.sh`
 //! does the same.
@@ -28,6 +29,20 @@ pub const USAGE: &str =
 pub const COMPUTE_CAP: &str = "90";
 /// cudarc's CUDA API level, pinned to the GPU machines' driver (CUDA 13.0).
 pub const CUDARC_VERSION: &str = "13000";
+/// The crates whose `cuda` feature is built and whose `cuda_*` tests and examples are packed.
+pub const CUDA_CRATES: [&str; 2] = ["torchscale-moe", "torchscale-kernels"];
+
+/// One packed binary: `kind` is `tests` or `bench`, `krate` the folder of the crate it belongs
+/// to (the tests run from there, as cargo runs them), `path` the executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// `tests` or `bench`.
+    pub kind: String,
+    /// The crate's folder name in the workspace (`torchscale-moe` when cargo did not say).
+    pub krate: String,
+    /// The executable cargo built.
+    pub path: PathBuf,
+}
 
 /// The workspace root (the parent of xtask/).
 pub fn workspace_root() -> PathBuf {
@@ -63,14 +78,20 @@ pub fn build(root: &Path, out: &Path) -> Result<()> {
         base: root.join("target/cuda-sdk"),
     };
     let home = tk.ensure_installed()?;
+    // The libcuda stub lists cudarc's driver entry points from its sources: fetch them first.
+    toolkit::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args(["fetch", "--quiet"]),
+    )?;
     let link = tk.ensure_link_dir(&home)?;
     let bins = cargo_build(root, &home, &link)?;
     if bins.is_empty() {
         bail!("cargo built no cuda_* test or example");
     }
     let size = pack::pack(&bins, out)?;
-    for (kind, b) in &bins {
-        println!("{kind:5} {}", b.display());
+    for a in &bins {
+        println!("{:5} {:18} {}", a.kind, a.krate, a.path.display());
     }
     println!(
         "packed {} binaries into {} ({:.1} MiB); carry it and run `bash {}/run.sh`",
@@ -105,24 +126,21 @@ pub fn cuda_command(root: &Path, home: &Path, link: &Path) -> Command {
     cmd
 }
 
-/// Builds the `cuda_*` tests and examples of torchscale-moe; returns `(kind, path)` with kind
-/// `tests` or `bench`.
-fn cargo_build(root: &Path, home: &Path, link: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Builds the `cuda_*` tests and examples of the [`CUDA_CRATES`] with their `cuda` features.
+fn cargo_build(root: &Path, home: &Path, link: &Path) -> Result<Vec<Artifact>> {
     let mut cmd = cuda_command(root, home, link);
-    cmd.args([
-        "build",
-        "--release",
-        "-p",
-        "torchscale-moe",
-        "--features",
-        "cuda",
-    ])
-    .args([
-        "--tests",
-        "--examples",
-        "--message-format=json-render-diagnostics",
-    ])
-    .stdout(Stdio::piped());
+    cmd.args(["build", "--release"]);
+    for krate in CUDA_CRATES {
+        cmd.args(["-p", krate]);
+    }
+    let features: Vec<String> = CUDA_CRATES.iter().map(|k| format!("{k}/cuda")).collect();
+    cmd.args(["--features", &features.join(",")])
+        .args([
+            "--tests",
+            "--examples",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdout(Stdio::piped());
     let output = cmd.spawn()?.wait_with_output()?;
     if !output.status.success() {
         bail!("the CUDA build failed ({})", output.status);
@@ -131,7 +149,7 @@ fn cargo_build(root: &Path, home: &Path, link: &Path) -> Result<Vec<(String, Pat
 }
 
 /// The `cuda_*` executables in cargo's JSON messages.
-pub fn artifacts(json_lines: &str) -> Result<Vec<(String, PathBuf)>> {
+pub fn artifacts(json_lines: &str) -> Result<Vec<Artifact>> {
     let mut out = Vec::new();
     for line in json_lines.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -151,9 +169,21 @@ pub fn artifacts(json_lines: &str) -> Result<Vec<(String, PathBuf)>> {
             .as_array()
             .is_some_and(|k| k.iter().any(|x| x == "example"));
         let kind = if is_example { "bench" } else { "tests" };
-        out.push((kind.to_string(), PathBuf::from(exe)));
+        let krate = v["manifest_path"]
+            .as_str()
+            .and_then(|m| Path::new(m).parent()?.file_name()?.to_str())
+            .unwrap_or("torchscale-moe");
+        out.push(Artifact {
+            kind: kind.to_string(),
+            krate: krate.to_string(),
+            path: PathBuf::from(exe),
+        });
     }
-    out.sort();
+    // Tests before benchmarks (run.sh runs them in this order), then by crate and path.
+    out.sort_by(|a, b| {
+        let key = |x: &Artifact| (x.kind != "tests", x.krate.clone(), x.path.clone());
+        key(a).cmp(&key(b))
+    });
     Ok(out)
 }
 
@@ -171,14 +201,22 @@ mod tests {
             r#"{"reason":"compiler-artifact","target":{"name":"cuda_bench","kind":["example"]},"executable":"/t/cuda_bench"}"#,
             "\n",
             r#"{"reason":"compiler-artifact","target":{"name":"cuda_x","kind":["lib"]},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/torchscale-kernels/Cargo.toml","target":{"name":"cuda_fused","kind":["test"]},"executable":"/t/cuda_fused-3"}"#,
             "\nnot json\n"
         );
         let a = artifacts(lines).unwrap();
+        let art = |kind: &str, krate: &str, path: &str| Artifact {
+            kind: kind.to_string(),
+            krate: krate.to_string(),
+            path: PathBuf::from(path),
+        };
         assert_eq!(
             a,
             vec![
-                ("bench".to_string(), PathBuf::from("/t/cuda_bench")),
-                ("tests".to_string(), PathBuf::from("/t/cuda_kernels-1")),
+                art("tests", "torchscale-kernels", "/t/cuda_fused-3"),
+                art("tests", "torchscale-moe", "/t/cuda_kernels-1"),
+                art("bench", "torchscale-moe", "/t/cuda_bench"),
             ]
         );
     }

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Result, Tensor, D};
 
 use crate::cpu::cpu_float;
+use crate::cuda::cuda_float;
+use crate::softmax::softmax_last_dim;
 use crate::switch::fused_enabled;
 
 /// Options of one fused attention call.
@@ -125,8 +127,15 @@ fn kernel_dtype(dtype: DType) -> bool {
 /// Attention of `q: [B, T, H, d]` over `k, v: [B, S, H, d]` (any strides) → `[B, T, H * d]`,
 /// contiguous: the fused kernel on CPU f32 / f16 / bf16 tensors when fused kernels are on,
 /// [`attention_composed`] otherwise.
+///
+/// On CUDA tensors (feature `cuda`, fused kernels on) it is the composed computation, whose
+/// products are cuBLAS batched matmuls, with the fused CUDA softmax (one kernel each way, f32
+/// inside, no f32 copy of the scores) in place of candle's composed softmax.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
     let dims = check(q, k, v, opts)?;
+    if fused_enabled() && !dims.empty() && cuda_float(&[q, k, v]) {
+        return composed_with(q, k, v, opts, true);
+    }
     if !fused_enabled() || !kernel_dtype(q.dtype()) || dims.empty() || !cpu_float(&[q, k, v]) {
         return attention_composed(q, k, v, opts);
     }
@@ -141,6 +150,17 @@ pub fn attention_composed(
     k: &Tensor,
     v: &Tensor,
     opts: &AttentionOptions,
+) -> Result<Tensor> {
+    composed_with(q, k, v, opts, false)
+}
+
+/// The composed attention, its softmax the fused one ([`softmax_last_dim`]) when `fused_softmax`.
+fn composed_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttentionOptions,
+    fused_softmax: bool,
 ) -> Result<Tensor> {
     let Dims { b, t, h, d, .. } = check(q, k, v, opts)?;
     let heads = |x: &Tensor| x.transpose(1, 2)?.contiguous();
@@ -160,7 +180,9 @@ pub fn attention_composed(
             .broadcast_as(scores.shape())?
             .where_cond(&neg, &scores)?;
     }
-    let probs = if dtype == DType::F64 {
+    let probs = if fused_softmax {
+        softmax_last_dim(&scores)?
+    } else if dtype == DType::F64 {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
         candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?
@@ -203,7 +225,8 @@ fn check_packed(qkv: &Tensor, heads: usize, opts: &AttentionOptions) -> Result<D
 /// The same as [`attention`] on `q, k, v = qkv[..., 0:C], qkv[..., C:2C], qkv[..., 2C:3C]`
 /// (`C = H * d`) each reshaped to `[B, T, H, d]`; masks as in [`AttentionOptions`] with `S = T`.
 /// Falls back to those narrows and [`attention_composed`] off the fused path (kernels off, not
-/// CPU, f64, empty sizes).
+/// CPU, f64, empty sizes); on CUDA (feature `cuda`) it takes those narrows into [`attention`]'s
+/// CUDA path (cuBLAS products around the fused softmax).
 pub fn attention_packed(qkv: &Tensor, heads: usize, opts: &AttentionOptions) -> Result<Tensor> {
     let dims = check_packed(qkv, heads, opts)?;
     let Dims { b, t, h, d, .. } = dims;
@@ -211,9 +234,15 @@ pub fn attention_packed(qkv: &Tensor, heads: usize, opts: &AttentionOptions) -> 
         // No rows: candle's softmax refuses an empty last dim, and `[B, 0, C]` is all there is.
         return qkv.narrow(2, 0, h * d);
     }
-    if !fused_enabled() || !kernel_dtype(qkv.dtype()) || dims.empty() || !cpu_float(&[qkv]) {
+    let on_cuda = fused_enabled() && !dims.empty() && cuda_float(&[qkv]);
+    if on_cuda
+        || !fused_enabled()
+        || !kernel_dtype(qkv.dtype())
+        || dims.empty()
+        || !cpu_float(&[qkv])
+    {
         let part = |i: usize| qkv.narrow(2, i * h * d, h * d)?.reshape((b, t, h, d));
-        return attention_composed(&part(0)?, &part(1)?, &part(2)?, opts);
+        return composed_with(&part(0)?, &part(1)?, &part(2)?, opts, on_cuda);
     }
     let op = packed::PackedOp::new(dims, qkv.dtype(), opts)?;
     qkv.apply_op1_arc(Arc::new(Box::new(op)))

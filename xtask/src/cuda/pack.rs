@@ -1,11 +1,12 @@
 //! Packing the CUDA binaries for the GPU machine: strip + xz, a manifest, the run script.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 use super::toolkit::run;
+use super::Artifact;
 
 /// The device tool carries at most this much per call.
 pub const CARRY_LIMIT: u64 = 64 * 1024 * 1024;
@@ -24,23 +25,29 @@ pub fn stem(file_name: &str) -> String {
 }
 
 /// Strips and xz-compresses each of `bins` into `out` as `<stem>.xz`, writes `MANIFEST` (one
-/// `kind stem` per line) and `run.sh`; returns the folder's total size in bytes.
-pub fn pack(bins: &[(String, PathBuf)], out: &Path) -> Result<u64> {
+/// `kind stem crate` per line) and `run.sh`; returns the folder's total size in bytes.
+pub fn pack(bins: &[Artifact], out: &Path) -> Result<u64> {
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| out.display().to_string())?;
     }
     std::fs::create_dir_all(out)?;
     let mut manifest = String::new();
-    for (kind, bin) in bins {
+    let mut names: Vec<String> = Vec::new();
+    for a in bins {
         let name = stem(
-            &bin.file_name()
+            &a.path
+                .file_name()
                 .context("binary without a name")?
                 .to_string_lossy(),
         );
+        if names.contains(&name) {
+            bail!("two packed binaries are both named {name}: rename one of the targets");
+        }
+        names.push(name.clone());
         let stripped = out.join(&name);
-        run(Command::new("strip").arg("-o").arg(&stripped).arg(bin))?;
+        run(Command::new("strip").arg("-o").arg(&stripped).arg(&a.path))?;
         run(Command::new("xz").args(["-T0", "-9", "-f"]).arg(&stripped))?;
-        manifest.push_str(&format!("{kind} {name}\n"));
+        manifest.push_str(&format!("{} {name} {}\n", a.kind, a.krate));
     }
     std::fs::write(out.join("MANIFEST"), manifest)?;
     std::fs::write(out.join("run.sh"), RUN_SCRIPT)?;

@@ -59,6 +59,8 @@ impl Toolkit {
     /// wheels' versioned libraries, and a `libcuda.so` stub (SONAME `libcuda.so.1`) defining
     /// every driver entry point as a function returning CUDA_ERROR_NO_DEVICE. Only the SONAME
     /// and symbol names reach the binaries; the GPU machine's driver provides the real one.
+    /// The stub is rebuilt whenever its symbol list changes (cudarc's `_v2` entry points come
+    /// from cudarc's sources, which cargo must have fetched first: see [`super::build`]).
     pub fn ensure_link_dir(&self, cuda_home: &Path) -> Result<PathBuf> {
         let dir = self.link_dir();
         std::fs::create_dir_all(&dir)?;
@@ -79,16 +81,21 @@ impl Toolkit {
             std::os::unix::fs::symlink(&target, &link)?;
         }
         let stub = dir.join("libcuda.so");
-        if !stub.exists() {
-            let mut names = driver_symbols(&cuda_home.join("include/cuda.h"))?;
-            names.extend(cudarc_symbols()?);
-            names.sort();
-            names.dedup();
-            let src: String = names
-                .iter()
-                .map(|n| format!("int {n}(void) {{ return 100; }}\n"))
-                .collect();
-            let c = dir.join("libcuda_stub.c");
+        let mut names = driver_symbols(&cuda_home.join("include/cuda.h"))?;
+        let cudarc = cudarc_symbols()?;
+        if cudarc.is_empty() {
+            bail!("cudarc's sources are not in cargo's registry: run `cargo fetch` first");
+        }
+        names.extend(cudarc);
+        names.sort();
+        names.dedup();
+        let src: String = names
+            .iter()
+            .map(|n| format!("int {n}(void) {{ return 100; }}\n"))
+            .collect();
+        let c = dir.join("libcuda_stub.c");
+        let same = std::fs::read_to_string(&c).is_ok_and(|old| old == src);
+        if !stub.exists() || !same {
             std::fs::write(&c, src)?;
             run(Command::new("gcc")
                 .args(["-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o"])
