@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use torchscale_core::{Error, Result};
-use torchscale_kernels::adamw::{adamw_composed, adamw_update, AdamWStep};
+use torchscale_kernels::adamw::{adamw_composed, adamw_update, adamw_update_tensors, AdamWStep};
 use torchscale_kernels::fused_enabled;
 
 /// AdamW hyper-parameters; the defaults are torchscale's fairseq recipes (betas 0.9, 0.98).
@@ -283,6 +283,13 @@ impl AdamW {
                 let var = s.var.as_tensor().clone();
                 let (m, v) = s.host_moments()?;
                 adamw_update(&var, g, m, v, &h)?;
+            } else if fused_enabled() && s.var.device().is_cuda() {
+                // One kernel updates the parameter and both device moments in place. The moments
+                // are this optimizer's own tensors (zeros, a composed step's outputs, or copies
+                // made by `load_state`), and `state` hands out copies.
+                let (m, v) = s.tensor_moments()?;
+                adamw_update_tensors(s.var.as_tensor(), g, &m, &v, &h)?;
+                s.moments = Moments::Tensors { m, v };
             } else {
                 let (m, v) = s.tensor_moments()?;
                 let (p, m, v) = adamw_composed(s.var.as_tensor(), g, &m, &v, &h)?;
@@ -302,6 +309,12 @@ impl AdamW {
         let mut out = HashMap::with_capacity(3 * self.slots.len() + 1);
         for s in &self.slots {
             let (m, v) = s.tensor_moments()?;
+            // Copies: device moments are updated in place by later steps.
+            let (m, v) = if s.var.device().is_cpu() {
+                (m, v)
+            } else {
+                (m.copy()?, v.copy()?)
+            };
             out.insert(format!("{EXP_AVG}{}", s.name), m);
             out.insert(format!("{EXP_AVG_SQ}{}", s.name), v);
             out.insert(format!("{STEP}{}", s.name), count(s.step)?);
@@ -338,7 +351,9 @@ impl AdamW {
                         got: t.dims().to_vec(),
                     });
                 }
-                Ok(t.to_dtype(DType::F32)?.to_device(s.var.device())?)
+                let t = t.to_dtype(DType::F32)?.to_device(s.var.device())?;
+                // Device moments are updated in place: never the caller's tensor.
+                Ok(if t.device().is_cpu() { t } else { t.copy()? })
             };
             loaded.push((
                 moment(EXP_AVG)?,
