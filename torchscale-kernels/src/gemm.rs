@@ -35,9 +35,11 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// Products below this many multiply-adds stay on the calling thread: waking rayon's workers costs
-/// about what splitting them saves (measured on the 48 x 64 decoder of `cargo xtask bench train`).
-const PAR_MIN_MACS: usize = 1 << 22;
+/// Products below this many multiply-adds (a few tens of microseconds of work) stay on the calling
+/// thread: waking a sleeping rayon worker, on a virtual machine especially, costs about as much as
+/// splitting saves. Measured on the 48 x 64 decoder of `cargo xtask bench train`, whose 4M
+/// multiply-add FFN products ran no faster split.
+const PAR_MIN_MACS: usize = 1 << 24;
 
 /// Whether a product of this size is worth splitting over threads.
 fn parallel(m: usize, n: usize, k: usize) -> gemm::Parallelism {

@@ -43,6 +43,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod linear_act;
 pub mod residual_norm;
+pub mod runtime;
 pub mod softmax;
 pub mod switch;
 

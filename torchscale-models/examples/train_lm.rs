@@ -345,6 +345,7 @@ fn log_line(r: &StepReport) -> String {
 
 fn main() -> Result<()> {
     torchscale_kernels::alloc::keep_freed_memory();
+    torchscale_kernels::runtime::one_compute_pool();
     let (args, session, given) = parse()?;
     let dev = Device::Cpu;
     let (a, lm, mut t) = start(args, &session, &given)?;

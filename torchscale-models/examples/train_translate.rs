@@ -573,6 +573,7 @@ fn report_decoding(
 
 fn main() -> Result<()> {
     torchscale_kernels::alloc::keep_freed_memory();
+    torchscale_kernels::runtime::one_compute_pool();
     let args = Args::parse()?;
     let task = Task::new(args.seed, args.words, args.min_len, args.max_len);
     print_task(&task);

@@ -15,6 +15,7 @@ const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FIL
 
 fn main() -> Result<()> {
     torchscale_kernels::alloc::keep_freed_memory();
+    torchscale_kernels::runtime::one_compute_pool();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         bail!("{USAGE}")
