@@ -52,8 +52,6 @@ pub fn gelu_erf_composed(x: &Tensor) -> Result<Tensor> {
 
 /// Elements per parallel task: big enough to amortise rayon, small enough to balance.
 const TASK: usize = 1 << 14;
-/// Below this many elements the work stays on the calling thread.
-const PARALLEL_MIN: usize = 1 << 16;
 
 /// The fused GELU.
 struct GeluOp;
@@ -138,7 +136,7 @@ fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
 
 /// `y = gelu(x)` over f32 slices of one length, split over threads when large.
 pub(crate) fn gelu_forward_f32(x: &[f32], y: &mut [f32]) {
-    if x.len() >= PARALLEL_MIN {
+    if crate::cpu::worth_threading(x.len()) {
         y.par_chunks_mut(TASK)
             .zip(x.par_chunks(TASK))
             .for_each(|(y, x)| gelu_fwd(x, y));
@@ -149,7 +147,7 @@ pub(crate) fn gelu_forward_f32(x: &[f32], y: &mut [f32]) {
 
 /// `dx = g gelu'(x)` over f32 slices of one length, split over threads when large.
 pub(crate) fn gelu_backward_f32(x: &[f32], g: &[f32], dx: &mut [f32]) {
-    if x.len() >= PARALLEL_MIN {
+    if crate::cpu::worth_threading(x.len()) {
         dx.par_chunks_mut(TASK)
             .zip(x.par_chunks(TASK).zip(g.par_chunks(TASK)))
             .for_each(|(d, (x, g))| gelu_bwd(x, g, d));

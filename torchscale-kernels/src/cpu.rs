@@ -118,11 +118,25 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Below this many elements a memory-bound kernel stays on the calling thread: handing work to
-/// rayon's pool (and waking its workers) costs tens of microseconds, as long as the kernel itself.
-pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
+/// Whether the caller runs on one of rayon's workers. There a split is cheap (the other workers
+/// steal from its queue); from any other thread rayon hands the whole call to its pool and wakes
+/// a worker, tens of microseconds on a virtual machine. `runtime::in_pool` runs a training step
+/// on a worker.
+pub(crate) fn on_worker() -> bool {
+    rayon::current_thread_index().is_some()
+}
+
+/// Below this many elements a memory-bound kernel stays on the calling thread (a split costs
+/// about what it saves), from a worker and from outside the pool.
+pub(crate) fn par_min_elems() -> usize {
+    if on_worker() {
+        1 << 14
+    } else {
+        1 << 16
+    }
+}
 
 /// Whether `elems` elements of memory-bound work are worth splitting over rayon's threads.
 pub(crate) fn worth_threading(elems: usize) -> bool {
-    threads() > 1 && elems >= PAR_MIN_ELEMS
+    threads() > 1 && elems >= par_min_elems()
 }

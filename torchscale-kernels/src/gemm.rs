@@ -35,16 +35,23 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// Products below this many multiply-adds (a few tens of microseconds of work) stay on the calling
-/// thread: waking a sleeping rayon worker, on a virtual machine especially, costs about as much as
-/// splitting saves. Measured on the 48 x 64 decoder of `cargo xtask bench train`, whose 4M
-/// multiply-add FFN products ran no faster split.
-const PAR_MIN_MACS: usize = 1 << 24;
+/// Products below this many multiply-adds stay on the calling thread. From outside rayon's pool
+/// a split wakes a worker, which on a virtual machine costs about what splitting a product of a
+/// few tens of microseconds saves (the 48 x 64 decoder's 4M multiply-add FFN products ran no
+/// faster split); from a worker the split is cheap, and a 256 x 64 x 256 product ran 1.7x faster
+/// on two threads.
+fn par_min_macs() -> usize {
+    if crate::cpu::on_worker() {
+        1 << 19
+    } else {
+        1 << 24
+    }
+}
 
 /// Whether a product of this size is worth splitting over threads.
 fn parallel(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    if threads > 1 && m * n * k >= PAR_MIN_MACS {
+    if threads > 1 && m * n * k >= par_min_macs() {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

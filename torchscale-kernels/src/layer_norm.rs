@@ -81,12 +81,9 @@ struct LayerNormOp {
     cuda_stats: crate::cuda::norm::Stats,
 }
 
-/// Below this many elements the rows stay on the calling thread.
-const PARALLEL_MIN: usize = 1 << 16;
-
 /// Rows per parallel task (all rows when the work is small).
 pub(crate) fn rows_per_task(rows: usize, d: usize, tasks_per_thread: usize) -> usize {
-    if rows * d >= PARALLEL_MIN {
+    if crate::cpu::worth_threading(rows * d) {
         rows.div_ceil(threads() * tasks_per_thread).max(1)
     } else {
         rows.max(1)

@@ -51,9 +51,6 @@ pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
 /// The fused softmax.
 struct SoftmaxOp;
 
-/// Below this many elements the rows stay on the calling thread.
-const PARALLEL_MIN: usize = 1 << 16;
-
 /// Softmax of each row (width `d`) of `x` into `y`.
 #[inline(always)]
 fn fwd_kernel<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
@@ -154,7 +151,7 @@ multiversion!(fn bwd_rows = bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: 
 
 /// Rows per parallel task for `rows` rows of width `d` (all of them when the work is small).
 fn rows_per_task(rows: usize, d: usize) -> usize {
-    if rows * d >= PARALLEL_MIN {
+    if crate::cpu::worth_threading(rows * d) {
         rows.div_ceil(threads() * 4).max(1)
     } else {
         rows.max(1)

@@ -238,7 +238,12 @@ impl Heads {
         let run =
             |i: usize| with_scratch((ROWS.min(t), s, d, backward), |sc| f((i / h, i % h), sc));
         // Below ~1M multiply-adds per product, waking rayon's workers costs about what it saves.
-        if b * h * t * s * d < 1 << 20 || b * h == 1 || rayon::current_num_threads() == 1 {
+        let min = if crate::cpu::on_worker() {
+            1 << 17
+        } else {
+            1 << 20
+        };
+        if b * h * t * s * d < min || b * h == 1 || rayon::current_num_threads() == 1 {
             (0..b * h).try_for_each(run)
         } else {
             (0..b * h).into_par_iter().try_for_each(run)
