@@ -5,6 +5,8 @@
 //! candle_nn's `Linear` broadcasts `w` over the batch and multiplies batch by batch; its backward
 //! then produces one `[in, out]` gradient per batch element and sums them.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -13,7 +15,7 @@ use crate::cpu::{
     worth_threading, BackendStorage,
 };
 use crate::cuda::cuda_float;
-use crate::gemm::{matmul, Mat};
+use crate::gemm::{assume_written, matmul, product, Mat};
 use crate::switch::fused_enabled;
 
 /// `x @ w^T (+ b)` over the last dimension of `x` (`w: [out, in]`, `b: [out]`): the fused kernel on
@@ -117,30 +119,49 @@ pub(crate) fn affine_f32(
     ws: &[f32],
     bs: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    let mut y = vec![0f32; rows * out_dim];
-    let accumulate = if let Some(bs) = bs {
-        if worth_threading(y.len()) {
-            y.par_chunks_mut(out_dim.max(1))
-                .for_each(|row| row.copy_from_slice(bs));
-        } else {
-            y.chunks_mut(out_dim.max(1))
-                .for_each(|row| row.copy_from_slice(bs));
-        }
-        true
-    } else {
-        false
+    let Some(bs) = bs else {
+        return product(
+            (rows, out_dim, in_dim),
+            Mat::rows(xs, in_dim),
+            Mat::transposed(ws, in_dim),
+            1.0,
+            true,
+        );
     };
+    let mut y = bias_rows(bs, rows);
     matmul(
         (rows, out_dim, in_dim),
         &mut y,
         out_dim,
-        accumulate,
+        true,
         Mat::rows(xs, in_dim),
         Mat::transposed(ws, in_dim),
         1.0,
         true,
     )?;
     Ok(y)
+}
+
+/// `rows` copies of `b` side by side (the start of `x @ w^T + b`), written once, not zeroed first.
+fn bias_rows(b: &[f32], rows: usize) -> Vec<f32> {
+    let n = b.len();
+    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(rows * n);
+    // SAFETY: `MaybeUninit` elements need no initialisation.
+    unsafe { y.set_len(rows * n) };
+    if n > 0 {
+        let fill = |row: &mut [MaybeUninit<f32>]| {
+            for (d, v) in row.iter_mut().zip(b) {
+                d.write(*v);
+            }
+        };
+        if worth_threading(rows * n) {
+            y.par_chunks_mut(n).for_each(fill);
+        } else {
+            y.chunks_mut(n).for_each(fill);
+        }
+    }
+    // SAFETY: every row of `n` elements was written from `b` above.
+    assume_written(y)
 }
 
 /// The number of rows of `x @ w^T`: the product of all but the last dimension (not the element
@@ -197,13 +218,9 @@ pub(crate) fn backward(
     let dtype = x.dtype();
     with_f32(grad, |g| {
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; rows * in_dim];
-            with_f32(w, |ws| {
-                matmul(
+            let dx = with_f32(w, |ws| {
+                product(
                     (rows, in_dim, out_dim),
-                    &mut dx,
-                    in_dim,
-                    false,
                     Mat::rows(g, out_dim),
                     Mat::rows(ws, in_dim),
                     1.0,
@@ -215,13 +232,9 @@ pub(crate) fn backward(
             None
         };
         let dw = if w.track_op() {
-            let mut dw = vec![0f32; out_dim * in_dim];
-            with_f32(x, |xs| {
-                matmul(
+            let dw = with_f32(x, |xs| {
+                product(
                     (out_dim, in_dim, rows),
-                    &mut dw,
-                    in_dim,
-                    false,
                     Mat::transposed(g, out_dim),
                     Mat::rows(xs, in_dim),
                     1.0,

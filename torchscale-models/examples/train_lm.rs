@@ -346,6 +346,11 @@ fn log_line(r: &StepReport) -> String {
 fn main() -> Result<()> {
     torchscale_kernels::alloc::keep_freed_memory();
     torchscale_kernels::runtime::one_compute_pool();
+    // The whole run on one of rayon's workers, so the kernels split their work cheaply.
+    torchscale_kernels::runtime::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let (args, session, given) = parse()?;
     let dev = Device::Cpu;
     let (a, lm, mut t) = start(args, &session, &given)?;

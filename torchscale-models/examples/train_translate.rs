@@ -574,6 +574,11 @@ fn report_decoding(
 fn main() -> Result<()> {
     torchscale_kernels::alloc::keep_freed_memory();
     torchscale_kernels::runtime::one_compute_pool();
+    // The whole run on one of rayon's workers, so the kernels split their work cheaply.
+    torchscale_kernels::runtime::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse()?;
     let task = Task::new(args.seed, args.words, args.min_len, args.max_len);
     print_task(&task);

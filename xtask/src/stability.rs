@@ -24,7 +24,8 @@
 //! config leaves them unscaled, N(0, 1/d), next to learned positions drawn N(0, 1): token identity
 //! is then an eighth of the input at d = 64, and in trial runs even 6-layer models with Post-LN
 //! wiring (Post-LN, DeepNorm, Admin) sat at the unigram plateau for 150 steps, so the depth effect
-//! did not show. candle runs on one CPU thread by default (`--threads`), see [`main`].
+//! did not show. The runs use rayon's threads (all cores unless `--threads` or `RAYON_NUM_THREADS`
+//! says otherwise), see [`main`].
 //!
 //! The validation loss (held-out last 2% of the lines) is measured every `valid_every` steps and
 //! at the end; it is reported but does not enter the verdict.
@@ -100,8 +101,8 @@ pub struct StabilityOpts {
     pub progress: bool,
     /// Scale token embeddings by sqrt(d) (fairseq's default; torchscale's config default is off).
     pub scale_embedding: bool,
-    /// CPU threads for candle (`--threads`; None: `RAYON_NUM_THREADS`, else 1). Only
-    /// [`main`] applies it, before the first tensor op.
+    /// CPU threads (`--threads`; None: `RAYON_NUM_THREADS`, else all cores). Only [`main`]
+    /// applies it, before the first tensor op.
     pub threads: Option<usize>,
 }
 
@@ -282,16 +283,15 @@ pub fn technique_name(t: Technique) -> &'static str {
 /// `--out`, and prints the table.
 pub fn main(args: &[String]) -> Result<()> {
     let opts = StabilityOpts::parse(args)?;
-    // candle sizes its CPU thread pool from RAYON_NUM_THREADS when the first op runs. At these
-    // widths its spinning barriers cost more than a second thread gains (measured on the 2-core
-    // machine: 4x the wall time with 2 threads), so one thread is the default.
-    let threads = opts
-        .threads
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "1".to_string()));
-    std::env::set_var("RAYON_NUM_THREADS", threads);
+    // rayon sizes its pool from RAYON_NUM_THREADS when the first parallel op runs. With the fused
+    // kernels and the runs on one of rayon's workers (`in_pool`), two threads beat one on the
+    // 2-core machine (40 steps of two techniques: 2.7 s against 3.6 s); before them, candle's
+    // spinning barriers made one thread 4x faster, which is why `--threads` exists.
+    if let Some(n) = opts.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let start = Instant::now();
-    let exp = run(&opts)?;
+    let exp = torchscale_kernels::runtime::in_pool(|| run(&opts))?;
     print!("{}", table(&exp));
     println!(
         "wrote {} and {} in {:.0} s",
