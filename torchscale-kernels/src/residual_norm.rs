@@ -7,7 +7,12 @@
 //! extra read instead of a kept `[rows, C]` tensor), runs the LayerNorm row backward on it for
 //! `ds`, and hands `ds` to `fx` and `alpha ds` to `x`. `weight` and `bias` travel as one
 //! concatenated `[2C]` input (candle's `cat` backward splits their gradient).
+//!
+//! Narrow rows (up to 128, AVX-512) go 32 rows at a time through the narrow LayerNorm kernels
+//! (`layer_norm::narrow`): the sums of a step are written (forward) or recomputed into a
+//! scratch (backward) and normalised together.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -16,7 +21,9 @@ use rayon::prelude::*;
 use crate::activation::vmath::{fma, multiversion};
 use crate::cpu::{as_f32, cpu_float, storage_from_f32, tensor_from_f32, with_f32, BackendStorage};
 use crate::cuda::cuda_float;
-use crate::layer_norm::{bwd_kernel, layer_norm, row_stats, rows_per_task};
+use crate::layer_norm::{assume_init, bwd_kernel, filled, layer_norm, row_stats, rows_per_task};
+#[cfg(target_arch = "x86_64")]
+use crate::layer_norm::{narrow::MAX_D, narrow_kernels};
 use crate::switch::fused_enabled;
 
 /// LayerNorm (`torch.nn.LayerNorm`: biased variance, affine) over the last dimension of
@@ -129,7 +136,7 @@ fn fwd_kernel<const FMA: bool>(
     alpha: f32,
     wb: &[f32],
     eps: f32,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     stats: &mut [f32],
 ) {
     let d = wb.len() / 2;
@@ -140,7 +147,9 @@ fn fwd_kernel<const FMA: bool>(
         .zip(y.chunks_exact_mut(d))
         .zip(stats.chunks_exact_mut(2))
     {
-        residual_sum(x, fx, alpha, y);
+        residual_sum_into_kernel::<FMA>(x, fx, alpha, y);
+        // SAFETY: every element of the row was just written.
+        let y = unsafe { assume_init(y) };
         let (mean, rstd) = row_stats(y, eps);
         for ((y, &w), &b) in y.iter_mut().zip(w).zip(b) {
             *y = fma::<FMA>((*y - mean) * rstd, w, b);
@@ -188,8 +197,8 @@ struct BwdRows<'a> {
 /// `alpha ds`; `dwb` (`dw` then `db`, accumulated into) is empty when neither `w` nor `b` needs a
 /// gradient; `s` is a one-row scratch.
 struct BwdOut<'a> {
-    ds: &'a mut [f32],
-    dx: &'a mut [f32],
+    ds: &'a mut [MaybeUninit<f32>],
+    dx: &'a mut [MaybeUninit<f32>],
     dwb: &'a mut [f32],
     s: &'a mut [f32],
 }
@@ -206,29 +215,184 @@ fn bwd_task_kernel<const FMA: bool>(i: &BwdRows<'_>, o: &mut BwdOut<'_>) {
             &mut o.ds[at.clone()]
         };
         bwd_kernel::<FMA>(o.s, &i.g[at.clone()], i.w, st, ds, o.dwb);
+        // SAFETY: `bwd_kernel` wrote every element of the row (or it is empty).
+        let ds = unsafe { assume_init(ds) };
         if !o.dx.is_empty() {
-            for (dx, &v) in o.dx[at].iter_mut().zip(ds.iter()) {
-                *dx = i.alpha * v;
-            }
+            scale_into_kernel::<FMA>(&mut o.dx[at], ds, i.alpha);
         } else if i.scale_ds {
             ds.iter_mut().for_each(|v| *v *= i.alpha);
         }
     }
 }
 
-multiversion!(fn fwd_rows = fwd_kernel(
-    x: &[f32], fx: &[f32], alpha: f32, wb: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]
+multiversion!(fn fwd_wide = fwd_kernel(
+    x: &[f32],
+    fx: &[f32],
+    alpha: f32,
+    wb: &[f32],
+    eps: f32,
+    y: &mut [MaybeUninit<f32>],
+    stats: &mut [f32]
 ));
-multiversion!(fn stats_rows = stats_kernel(
+multiversion!(fn stats_wide = stats_kernel(
     x: &[f32], fx: &[f32], alpha: f32, eps: f32, stats: &mut [f32], s: &mut [f32]
 ));
-multiversion!(fn bwd_rows = bwd_task_kernel(i: &BwdRows<'_>, o: &mut BwdOut<'_>));
+multiversion!(fn bwd_wide = bwd_task_kernel(i: &BwdRows<'_>, o: &mut BwdOut<'_>));
+#[cfg(target_arch = "x86_64")]
+multiversion!(fn residual_sum_best = residual_sum_kernel(
+    x: &[f32], fx: &[f32], alpha: f32, s: &mut [f32]
+));
+
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn residual_sum_kernel<const FMA: bool>(x: &[f32], fx: &[f32], alpha: f32, s: &mut [f32]) {
+    residual_sum(x, fx, alpha, s)
+}
+
+#[inline(always)]
+fn residual_sum_into_kernel<const FMA: bool>(
+    x: &[f32],
+    fx: &[f32],
+    alpha: f32,
+    s: &mut [MaybeUninit<f32>],
+) {
+    for ((s, &x), &f) in s.iter_mut().zip(x).zip(fx) {
+        s.write(x * alpha + f);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+multiversion!(fn residual_sum_into = residual_sum_into_kernel(
+    x: &[f32], fx: &[f32], alpha: f32, s: &mut [MaybeUninit<f32>]
+));
+
+/// Rows per step of the narrow kernels: the sums of a step stay in L1 between the passes.
+#[cfg(target_arch = "x86_64")]
+const STEP: usize = 32;
+
+/// Forward over a block of rows, writing every element of `y`: on narrow rows the sums of
+/// [`STEP`] rows are written into `y` and normalised there 16 rows at a time; row by row
+/// otherwise.
+#[allow(clippy::too_many_arguments)]
+fn fwd_rows(
+    x: &[f32],
+    fx: &[f32],
+    alpha: f32,
+    wb: &[f32],
+    eps: f32,
+    y: &mut [MaybeUninit<f32>],
+    stats: &mut [f32],
+) {
+    let d = wb.len() / 2;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = narrow_kernels(d) {
+        let (w, b) = wb.split_at(d);
+        let n = STEP * d;
+        for (((x, fx), y), st) in x
+            .chunks(n)
+            .zip(fx.chunks(n))
+            .zip(y.chunks_mut(n))
+            .zip(stats.chunks_mut(2 * STEP))
+        {
+            residual_sum_into(x, fx, alpha, y);
+            // SAFETY: `residual_sum_into` wrote every element (the chunks of `x`, `fx` and
+            // `y` have one length).
+            k.fwd_in_place(unsafe { assume_init(y) }, w, b, eps, st);
+        }
+        return;
+    }
+    fwd_wide(x, fx, alpha, wb, eps, y, stats)
+}
+
+/// `[mean, rstd]` per row of `alpha x + fx`; `s` is a one-row scratch.
+fn stats_rows(x: &[f32], fx: &[f32], alpha: f32, eps: f32, stats: &mut [f32], s: &mut [f32]) {
+    let d = s.len();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = narrow_kernels(d) {
+        let mut sums = [0f32; STEP * MAX_D];
+        let n = STEP * d;
+        for ((x, fx), st) in x
+            .chunks(n)
+            .zip(fx.chunks(n))
+            .zip(stats.chunks_mut(2 * STEP))
+        {
+            let sums = &mut sums[..x.len()];
+            residual_sum_best(x, fx, alpha, sums);
+            k.stats(sums, eps, st);
+        }
+        return;
+    }
+    stats_wide(x, fx, alpha, eps, stats, s)
+}
+
+/// Backward over a block of rows: on narrow rows the sums of [`STEP`] rows are recomputed into a
+/// scratch and run through the narrow LayerNorm backward together; row by row otherwise. `ds`
+/// and `dx` (each empty when not wanted, see [`BwdOut`]) have every element written.
+fn bwd_rows(
+    i: &BwdRows<'_>,
+    ds: &mut [MaybeUninit<f32>],
+    dx: &mut [MaybeUninit<f32>],
+    dwb: &mut [f32],
+) {
+    let d = i.w.len();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = narrow_kernels(d) {
+        let mut sums = [0f32; STEP * MAX_D];
+        let n = STEP * d;
+        for (t, st) in i.stats.chunks(2 * STEP).enumerate() {
+            let at = t * n..t * n + st.len() / 2 * d;
+            let sums = &mut sums[..at.len()];
+            residual_sum_best(&i.x[at.clone()], &i.fx[at.clone()], i.alpha, sums);
+            let ds = if ds.is_empty() {
+                &mut []
+            } else {
+                &mut ds[at.clone()]
+            };
+            k.bwd(sums, &i.g[at.clone()], i.w, st, ds, dwb);
+            // SAFETY: `bwd` wrote every element of `ds` (its rows are those of `st`).
+            let ds = unsafe { assume_init(ds) };
+            if !dx.is_empty() {
+                scale_into(&mut dx[at], ds, i.alpha);
+            } else if i.scale_ds {
+                scale_in_place(ds, i.alpha);
+            }
+        }
+        return;
+    }
+    let mut out = BwdOut {
+        ds,
+        dx,
+        dwb,
+        s: &mut vec![0f32; d],
+    };
+    bwd_wide(i, &mut out)
+}
+
+#[inline(always)]
+fn scale_into_kernel<const FMA: bool>(dst: &mut [MaybeUninit<f32>], src: &[f32], alpha: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(alpha * v);
+    }
+}
+
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn scale_in_place_kernel<const FMA: bool>(v: &mut [f32], alpha: f32) {
+    v.iter_mut().for_each(|v| *v *= alpha);
+}
+
+#[cfg(target_arch = "x86_64")]
+multiversion!(fn scale_into = scale_into_kernel(
+    dst: &mut [MaybeUninit<f32>], src: &[f32], alpha: f32
+));
+#[cfg(target_arch = "x86_64")]
+multiversion!(fn scale_in_place = scale_in_place_kernel(v: &mut [f32], alpha: f32));
 
 /// `buf` cut into `tasks` pieces of `len` elements (the last one shorter), or `tasks` empty
 /// slices when `buf` is empty (an output nobody needs).
-fn pieces(buf: &mut [f32], len: usize, tasks: usize) -> Vec<&mut [f32]> {
+fn pieces<T>(buf: &mut [T], len: usize, tasks: usize) -> Vec<&mut [T]> {
     if buf.is_empty() {
-        (0..tasks).map(|_| <&mut [f32]>::default()).collect()
+        (0..tasks).map(|_| <&mut [T]>::default()).collect()
     } else {
         buf.chunks_mut(len).collect()
     }
@@ -284,18 +448,13 @@ impl ResidualNormOp {
                 &recomputed
             }
         };
-        let alloc = |on: bool| if on { vec![0f32; x.len()] } else { Vec::new() };
-        let mut ds = alloc(needs.x || needs.fx);
-        let mut dx = alloc(needs.x && needs.fx && self.alpha != 1.0);
+        let len = |on: bool| if on { x.len() } else { 0 };
         let scale_ds = needs.x && !needs.fx && self.alpha != 1.0;
         // One task per thread: each owns a `[dw, db]` partial, so the tasks stay few.
         let step = rows_per_task(rows, d, 1);
         let tasks = rows.div_ceil(step);
-        let mut outs: Vec<_> = pieces(&mut ds, step * d, tasks)
-            .into_iter()
-            .zip(pieces(&mut dx, step * d, tasks))
-            .collect();
-        let task = |t: usize, (ds, dx): &mut (&mut [f32], &mut [f32])| {
+        type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a mut [MaybeUninit<f32>]);
+        let task = |t: usize, (ds, dx): &mut Out<'_>| {
             let r = t * step * d..((t + 1) * step).min(rows) * d;
             let mut dwb = if needs.wb {
                 vec![0f32; 2 * d]
@@ -311,28 +470,37 @@ impl ResidualNormOp {
                 alpha: self.alpha,
                 scale_ds,
             };
-            let mut out = BwdOut {
-                ds,
-                dx,
-                dwb: &mut dwb,
-                s: &mut vec![0f32; d],
-            };
-            bwd_rows(&rows, &mut out);
+            bwd_rows(&rows, ds, dx, &mut dwb);
             dwb
         };
-        let partials: Vec<Vec<f32>> = if tasks <= 1 {
-            // One task: run it here (handing it to rayon's pool costs more than it takes).
-            outs.iter_mut()
-                .enumerate()
-                .map(|(t, o)| task(t, o))
-                .collect()
-        } else {
-            outs.par_iter_mut()
-                .enumerate()
-                .map(|(t, o)| task(t, o))
-                .collect()
+        let run = |ds: &mut [MaybeUninit<f32>], dx: &mut [MaybeUninit<f32>]| {
+            let mut outs: Vec<Out<'_>> = pieces(ds, step * d, tasks)
+                .into_iter()
+                .zip(pieces(dx, step * d, tasks))
+                .collect();
+            if tasks <= 1 {
+                // One task: run it here (handing it to rayon's pool costs more than it takes).
+                outs.iter_mut()
+                    .enumerate()
+                    .map(|(t, o)| task(t, o))
+                    .collect()
+            } else {
+                outs.par_iter_mut()
+                    .enumerate()
+                    .map(|(t, o)| task(t, o))
+                    .collect()
+            }
         };
-        drop(outs);
+        // SAFETY: each task's `bwd_rows` writes every element of its blocks of `ds` and `dx`,
+        // and the blocks cover them (or they are empty).
+        let (ds, (dx, partials)) = unsafe {
+            filled(len(needs.x || needs.fx), |ds| {
+                filled(len(needs.x && needs.fx && self.alpha != 1.0), |dx| {
+                    let partials: Vec<Vec<f32>> = run(ds, dx);
+                    partials
+                })
+            })
+        };
         let mut parts = partials.into_iter();
         let mut dwb = parts.next().unwrap_or_default();
         for p in parts {
@@ -369,17 +537,22 @@ impl CustomOp3 for ResidualNormOp {
         }
         let (xs, fxs, wb) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
         let rows = xs.len() / d;
-        let mut y = vec![0f32; xs.len()];
         let mut stats = vec![0f32; 2 * rows];
         let step = rows_per_task(rows, d, 4);
-        if step >= rows {
-            fwd_rows(&xs, &fxs, self.alpha, &wb, self.eps, &mut y, &mut stats);
-        } else {
-            y.par_chunks_mut(step * d)
-                .zip(xs.par_chunks(step * d).zip(fxs.par_chunks(step * d)))
-                .zip(stats.par_chunks_mut(2 * step))
-                .for_each(|((y, (x, fx)), st)| fwd_rows(x, fx, self.alpha, &wb, self.eps, y, st));
-        }
+        let (alpha, eps) = (self.alpha, self.eps);
+        // SAFETY: `fwd_rows` writes every element of each block, and the blocks cover `y`.
+        let (y, ()) = unsafe {
+            filled(xs.len(), |y| {
+                if step >= rows {
+                    fwd_rows(&xs, &fxs, alpha, &wb, eps, y, &mut stats);
+                } else {
+                    y.par_chunks_mut(step * d)
+                        .zip(xs.par_chunks(step * d).zip(fxs.par_chunks(step * d)))
+                        .zip(stats.par_chunks_mut(2 * step))
+                        .for_each(|((y, (x, fx)), st)| fwd_rows(x, fx, alpha, &wb, eps, y, st));
+                }
+            })
+        };
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
         Ok((storage_from_f32(y, s1.dtype())?, l1.shape().clone()))
     }

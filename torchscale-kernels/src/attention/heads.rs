@@ -4,7 +4,11 @@
 //! Scores are kept transposed, `S^T = K @ Q^T` (`[keys, query rows]`): every product then has
 //! the operand layout `gemm` runs fastest, and the softmax runs down the columns, 8 or 16 query
 //! rows per vector, with no per-row horizontal reductions. The `[B, H, T, S]` probabilities are
-//! never kept: the backward recomputes them block by block.
+//! never kept: the backward recomputes them block by block. Small heads on AVX-512 skip `gemm`
+//! for the direct kernels of `direct` (same layout, 16 query rows per block).
+
+#[cfg(target_arch = "x86_64")]
+mod direct;
 
 use candle_core::{DType, Result};
 use rayon::prelude::*;
@@ -41,6 +45,14 @@ pub(super) struct Heads {
     /// Per batch: some row has every key masked (NaN row). The composed backward then spreads NaN
     /// over all of dv and dk, so no key may be skipped.
     no_skip: Vec<bool>,
+    /// Per group of 16 query rows (those of the direct kernels), the largest of its `row_lim`;
+    /// then the largest of all.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    group_lim: Vec<usize>,
+    all_lim: usize,
+    /// Small heads on AVX-512: the direct kernels (`heads/direct`) instead of `gemm`.
+    #[cfg(target_arch = "x86_64")]
+    direct: Option<super::lanes::Avx512>,
 }
 
 impl Heads {
@@ -77,15 +89,32 @@ impl Heads {
             batch_lim[bi] = (0..s).rposition(|j| !padded(j)).map_or(0, |j| j + 1);
             no_skip[bi] = (0..t).any(|ti| !(0..row_lim[ti]).any(|j| open(ti, j) && !padded(j)));
         }
-        let mask_t = mask.map(|m| (0..s * t).map(|i| m[(i % t) * s + i / t]).collect());
+        let mask_t = mask.map(|m| {
+            let mut mt = vec![0f32; s * t];
+            for (ti, row) in m.chunks_exact(s.max(1)).enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    mt[j * t + ti] = x;
+                }
+            }
+            mt
+        });
+        let group_lim: Vec<usize> = row_lim
+            .chunks(16)
+            .map(|g| g.iter().copied().max().unwrap_or(0))
+            .collect();
+        let all_lim = group_lim.iter().copied().max().unwrap_or(0);
         Ok(Self {
             dims,
+            group_lim,
+            all_lim,
             scale: opts.scale as f32,
             mask_t,
             pad,
             row_lim,
             batch_lim,
             no_skip,
+            #[cfg(target_arch = "x86_64")]
+            direct: direct::kernels(&dims),
         })
     }
 
@@ -219,11 +248,19 @@ impl Heads {
 
     /// The forward of every head into `out` (`[B, T, H, d]` positions).
     pub fn forward(&self, qkv: (&View, &View, &View), out: &Dest) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = self.direct {
+            return self.each_head(false, |bh, sc| self.forward_direct(k, bh, qkv, out, sc));
+        }
         self.each_head(false, |bh, sc| self.forward_head(bh, qkv, out, sc))
     }
 
     /// The backward of every head, from the output gradient `g` (last of `views`), into `grads`.
     pub fn backward(&self, views: (&View, &View, &View, &View), grads: Grads) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = self.direct {
+            return self.each_head(true, |bh, sc| self.backward_direct(k, bh, views, grads, sc));
+        }
         self.each_head(true, |bh, sc| self.backward_head(bh, views, grads, sc))
     }
 
@@ -235,8 +272,14 @@ impl Heads {
         f: impl Fn((usize, usize), &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
         let Dims { b, t, s, h, d } = self.dims;
-        let run =
-            |i: usize| with_scratch((ROWS.min(t), s, d, backward), |sc| f((i / h, i % h), sc));
+        let grow = |sc: &mut Scratch| {
+            #[cfg(target_arch = "x86_64")]
+            if self.direct.is_some() {
+                return sc.reserve_small(direct::scratch_sizes(&self.dims, backward));
+            }
+            sc.reserve_gemm((ROWS.min(t), s, d, backward));
+        };
+        let run = |i: usize| with_scratch(grow, |sc| f((i / h, i % h), sc));
         // Below ~1M multiply-adds per product, waking rayon's workers costs about what it saves.
         let min = if crate::cpu::on_worker() {
             1 << 17

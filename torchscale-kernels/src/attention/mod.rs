@@ -8,10 +8,13 @@
 //! set to -inf, softmax in f32, @ v); the fused kernels reproduce it, NaN rows included (a row
 //! whose keys are all masked gives NaN, as in PyTorch).
 //!
-//! Layout: `heads` (per-head forward and backward), `op` and `packed` (the candle ops), `view`
-//! (operand views, output scatter, scratch), `rows` (vectorised softmax column kernels).
+//! Layout: `heads` (per-head forward and backward: `gemm` products, or for small heads the direct
+//! kernels of `heads/direct` and `lanes`), `op` and `packed` (the candle ops), `view` (operand
+//! views, output scatter, scratch), `rows` (vectorised softmax column kernels).
 
 mod heads;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod op;
 mod packed;
 mod rows;

@@ -8,6 +8,7 @@ use super::heads::Heads;
 use super::view::{cpu, Dest, Scatter, View};
 use super::{AttentionOptions, Dims};
 use crate::cpu::{as_f32, storage_from_f32, tensor_from_f32};
+use crate::layer_norm::try_filled;
 
 /// The fused op on three operands, read in place when f32.
 pub(super) struct AttentionOp(Heads);
@@ -47,9 +48,13 @@ impl CustomOp3 for AttentionOp {
         let dims = self.0.dims;
         let Dims { b, t, h, d, .. } = dims;
         let (q, k, v) = (View::new(s1, l1)?, View::new(s2, l2)?, View::new(s3, l3)?);
-        let mut out = vec![0f32; b * t * h * d];
-        let buf = Scatter::new(&mut out);
-        self.0.forward((&q, &k, &v), &dense(&buf, dims, t))?;
+        // SAFETY: the forward writes every element of its destination.
+        let (out, ()) = unsafe {
+            try_filled(b * t * h * d, |out| {
+                let buf = Scatter::new(out);
+                self.0.forward((&q, &k, &v), &dense(&buf, dims, t))
+            })?
+        };
         Ok((
             storage_from_f32(out, s1.dtype())?,
             Shape::from((b, t, h * d)),
@@ -89,23 +94,26 @@ impl CustomOp3 for AttentionOp {
         }
         let gv = View::from_slice(&g, [b, t, h, d]);
         // Only the wanted gradients get a buffer; the backward writes every element of each.
-        let buf = |on: bool, len: usize| if on { vec![0f32; len] } else { Vec::new() };
-        let mut dq = buf(want[0], b * t * h * d);
-        let mut dk = buf(want[1], b * s * h * d);
-        let mut dv = buf(want[2], b * s * h * d);
-        let (sq, sk, sv) = (
-            Scatter::new(&mut dq),
-            Scatter::new(&mut dk),
-            Scatter::new(&mut dv),
-        );
-        let dests = [
-            dense(&sq, dims, t),
-            dense(&sk, dims, s),
-            dense(&sv, dims, s),
-        ];
-        let pick = |i: usize| want[i].then_some(&dests[i]);
-        self.0
-            .backward((&qv, &kv, &vv, &gv), (pick(0), pick(1), pick(2)))?;
+        let len = |i: usize, rows: usize| if want[i] { b * rows * h * d } else { 0 };
+        // SAFETY: the backward writes every element of each wanted destination; unwanted ones
+        // have no elements.
+        let (dq, (dk, (dv, ()))) = unsafe {
+            try_filled(len(0, t), |dq| {
+                try_filled(len(1, s), |dk| {
+                    try_filled(len(2, s), |dv| {
+                        let (sq, sk, sv) = (Scatter::new(dq), Scatter::new(dk), Scatter::new(dv));
+                        let dests = [
+                            dense(&sq, dims, t),
+                            dense(&sk, dims, s),
+                            dense(&sv, dims, s),
+                        ];
+                        let pick = |i: usize| want[i].then_some(&dests[i]);
+                        self.0
+                            .backward((&qv, &kv, &vv, &gv), (pick(0), pick(1), pick(2)))
+                    })
+                })
+            })?
+        };
         drop((qs, ks, vs, gs));
         let dtype = q.dtype();
         let wrap = |on: bool, x: Vec<f32>, len: usize| -> Result<Option<Tensor>> {

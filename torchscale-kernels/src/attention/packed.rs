@@ -13,6 +13,7 @@ use super::heads::Heads;
 use super::view::{cpu, Dest, Scatter, View};
 use super::{AttentionOptions, Dims};
 use crate::cpu::{as_f32, storage_from_f32, tensor_from_f32};
+use crate::layer_norm::try_filled;
 
 /// The fused op on a packed projection.
 pub(super) struct PackedOp(Heads);
@@ -64,16 +65,20 @@ impl CustomOp1 for PackedOp {
         let c = h * d;
         let (data, off, st) = self.source(s, l)?;
         let [q, k, v] = self.views(&data, off, st);
-        let mut out = vec![0f32; b * t * c];
-        let buf = Scatter::new(&mut out);
-        let dest = Dest {
-            buf: &buf,
-            base: 0,
-            ld: c,
-            len: t,
-            d,
+        // SAFETY: the forward writes every element of its destination.
+        let (out, ()) = unsafe {
+            try_filled(b * t * c, |out| {
+                let buf = Scatter::new(out);
+                let dest = Dest {
+                    buf: &buf,
+                    base: 0,
+                    ld: c,
+                    len: t,
+                    d,
+                };
+                self.0.forward((&q, &k, &v), &dest)
+            })?
         };
-        self.0.forward((&q, &k, &v), &dest)?;
         Ok((storage_from_f32(out, s.dtype())?, Shape::from((b, t, c))))
     }
 
@@ -96,18 +101,23 @@ impl CustomOp1 for PackedOp {
         }
         let gv = View::from_slice(&g, [b, t, h, d]);
         // dq, dk and dv side by side, each row of 3C written once by the backward.
-        let mut dx = vec![0f32; b * t * 3 * c];
-        let buf = Scatter::new(&mut dx);
-        let dests: [Dest; 3] = std::array::from_fn(|i| Dest {
-            buf: &buf,
-            base: i * c,
-            ld: 3 * c,
-            len: t,
-            d,
-        });
-        let [dq, dk, dv] = &dests;
-        self.0
-            .backward((&q, &k, &v, &gv), (Some(dq), Some(dk), Some(dv)))?;
+        // SAFETY: the backward writes every element of the three destinations, which together
+        // cover the buffer.
+        let (dx, ()) = unsafe {
+            try_filled(b * t * 3 * c, |dx| {
+                let buf = Scatter::new(dx);
+                let dests: [Dest; 3] = std::array::from_fn(|i| Dest {
+                    buf: &buf,
+                    base: i * c,
+                    ld: 3 * c,
+                    len: t,
+                    d,
+                });
+                let [dq, dk, dv] = &dests;
+                self.0
+                    .backward((&q, &k, &v, &gv), (Some(dq), Some(dk), Some(dv)))
+            })?
+        };
         drop((xs, gs));
         Ok(Some(tensor_from_f32(dx, (b, t, 3 * c), qkv.dtype())?))
     }

@@ -5,7 +5,7 @@
 /// `exp(x)` for f32 in a form that vectorises (Cephes' range reduction and polynomial, about one
 /// ulp): 0 below -87.3, +inf above 88.3 (softmax arguments are <= 0), NaN stays NaN.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.3, 88.3);
     let t = xc * std::f32::consts::LOG2_E + SHIFT;
