@@ -117,7 +117,10 @@ pub fn main(args: &[String]) -> Result<()> {
         let [_, key, steps, warmup] = args else {
             bail!("--child KEY STEPS WARMUP")
         };
-        let m = measure(TrainConfig::from_key(key)?, warmup.parse()?, steps.parse()?)?;
+        let cfg = TrainConfig::from_key(key)?;
+        let (warmup, steps) = (warmup.parse()?, steps.parse()?);
+        // As a training loop should run: on one of rayon's workers (`runtime::in_pool`).
+        let m = torchscale_kernels::runtime::in_pool(|| measure(cfg, warmup, steps))?;
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
     }
