@@ -89,6 +89,21 @@ pub enum Error {
 /// Result with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Lets `?` pass our errors up through candle-style functions (`-> candle_core::Result<T>`).
+///
+/// A candle error that we carried is handed back as it was (not nested); an I/O error becomes
+/// candle's `Io` (its source survives); the others, which have no source, keep their message in
+/// candle's `Wrapped`.
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(inner) => inner,
+            Error::Io(inner) => candle_core::Error::Io(inner),
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
 impl Error {
     /// A [`Error::Config`] for `field`.
     pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -132,4 +147,59 @@ pub fn expect_rank(t: &candle_core::Tensor, what: &str, rank: usize, pattern: &s
         return Err(Error::shape(what, pattern, t.dims()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn fails_in_torchscale() -> Result<()> {
+        Err(Error::config("decoder_layers", "must be at least 1"))
+    }
+
+    // What a user's candle model looks like: candle's Result, `?` on our calls.
+    fn candle_style() -> candle_core::Result<()> {
+        fails_in_torchscale()?;
+        Ok(())
+    }
+
+    #[test]
+    fn question_mark_works_in_candle_functions_and_keeps_the_message() {
+        let err = candle_style().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("invalid config field `decoder_layers`: must be at least 1"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn candle_errors_are_unwrapped_not_nested() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?;
+        let b = Tensor::zeros((4, 5), candle_core::DType::F32, &dev)?;
+        let ours: Error = a.matmul(&b).unwrap_err().into();
+        let original = ours.to_string();
+        let back: candle_core::Error = ours.into();
+        assert_eq!(back.to_string(), original);
+        assert!(
+            !matches!(back, candle_core::Error::Wrapped(_)),
+            "nested: {back:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn io_errors_keep_their_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no config.json here");
+        let back: candle_core::Error = Error::Io(io).into();
+        match back {
+            candle_core::Error::Io(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+                assert_eq!(e.to_string(), "no config.json here");
+            }
+            other => panic!("expected candle's Io, got {other:?}"),
+        }
+    }
 }

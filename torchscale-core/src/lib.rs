@@ -12,6 +12,13 @@
 //! - [`init::ParamStore`]: parameters under torchscale's state_dict names, with PyTorch's default
 //!   init from a seeded generator.
 //!
+//! **In candle code.** [`Error`] converts into `candle_core::Error`, so `?` works on our calls
+//! inside a function returning `candle_core::Result`; [`Residual::forward_with`] wraps a closure
+//! that returns candle's `Result`; [`layer_norm::LayerNorm`] is a `candle_nn::Module` and
+//! [`ffn::FeedForward`] a `candle_nn::ModuleT`. [`prelude`] brings the traits and everyday types in
+//! one `use`; `torchscale_core::candle_core` and `torchscale_core::candle_nn` are the candle this
+//! crate was built with.
+//!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use torchscale_core::{ffn::{FeedForward, FfnConfig}, init::ParamStore, Activation};
@@ -42,6 +49,7 @@ pub mod init;
 pub mod layer_norm;
 pub mod linear;
 pub mod multiway;
+pub mod prelude;
 pub mod residual;
 pub mod router;
 pub mod sublayer;

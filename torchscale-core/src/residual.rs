@@ -4,13 +4,48 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::multiway::Branch;
-use crate::Result;
+use crate::{Error, Result};
 
 /// How one sublayer `f` joins the residual stream: where its norms sit and how the skip is scaled.
 ///
 /// Like a tower `Layer` wrapping any `Service`, a `Residual` wraps any function:
 /// `res.forward(&x, &mut |h| my_attention(h))`. The lower-level [`Residual::pre`] and
 /// [`Residual::post`] serve code that has already computed `f`'s input or output.
+///
+/// From candle code, [`Residual::forward_with`] takes a closure that returns candle's `Result`
+/// (or any error convertible into [`Error`]), and `?` turns our [`Error`] back into
+/// `candle_core::Error`:
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use torchscale_core::{init::ParamStore, layer_norm::LayerNorm, Branch, Residual};
+///
+/// /// `LN(x + f(x))`, the smallest Post-LN residual.
+/// #[derive(Debug)]
+/// struct PostLn(LayerNorm);
+///
+/// impl Residual for PostLn {
+///     fn pre(&self, x: &Tensor, _: Branch) -> torchscale_core::Result<Tensor> {
+///         Ok(x.clone())
+///     }
+///     fn post(&self, x: &Tensor, fx: &Tensor, _: Branch) -> torchscale_core::Result<Tensor> {
+///         self.0.forward(&(x + fx)?)
+///     }
+/// }
+///
+/// fn block(res: &PostLn, mlp: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+///     Ok(res.forward_with(x, |h| mlp.forward(h))?)
+/// }
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let store = ParamStore::new(0);
+/// let vb = store.var_builder(DType::F32, &Device::Cpu);
+/// let res = PostLn(LayerNorm::new(4, 1e-5, vb.pp("ln"))?);
+/// let mlp = candle_nn::linear(4, 4, vb.pp("mlp"))?;
+/// let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+/// assert_eq!(block(&res, &mlp, &x)?.dims(), &[2, 4]);
+/// # Ok(()) }
+/// ```
 pub trait Residual: Send + Sync + std::fmt::Debug {
     /// What the sublayer sees: `LN(x)` for Pre-LN styles, `x` otherwise.
     fn pre(&self, x: &Tensor, branch: Branch) -> Result<Tensor>;
@@ -34,7 +69,63 @@ pub trait Residual: Send + Sync + std::fmt::Debug {
         let fx = f(&h)?;
         self.post(x, &fx, branch)
     }
+
+    /// [`Residual::forward`] for a closure returning any error convertible into [`Error`],
+    /// candle's included: `res.forward_with(&x, |h| attn.forward(h))`.
+    fn forward_with<F, E>(&self, x: &Tensor, f: F) -> Result<Tensor>
+    where
+        Self: Sized,
+        F: FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Error>,
+    {
+        self.forward_branch_with(x, Branch::A, f)
+    }
+
+    /// [`Residual::forward_branch`] for a closure returning any error convertible into [`Error`].
+    fn forward_branch_with<F, E>(&self, x: &Tensor, branch: Branch, mut f: F) -> Result<Tensor>
+    where
+        Self: Sized,
+        F: FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Error>,
+    {
+        // Through `forward_branch`, so that an implementation overriding it is honoured.
+        self.forward_branch(x, branch, &mut |h| f(h).map_err(Into::into))
+    }
 }
+
+// A boxed or borrowed residual is one too. Besides composing, this is what makes the generic
+// `forward_with` (which needs `Self: Sized`) callable on `Box<dyn Residual>` and
+// `&dyn Residual`, as `Stabilizer::residual` hands them out. Every method delegates, so an
+// overridden `forward_branch` is kept.
+macro_rules! delegate_residual {
+    ($($ty:ty),*) => {$(
+        impl<R: Residual + ?Sized> Residual for $ty {
+            fn pre(&self, x: &Tensor, branch: Branch) -> Result<Tensor> {
+                (**self).pre(x, branch)
+            }
+            fn post(&self, x: &Tensor, fx: &Tensor, branch: Branch) -> Result<Tensor> {
+                (**self).post(x, fx, branch)
+            }
+            fn forward(
+                &self,
+                x: &Tensor,
+                f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+            ) -> Result<Tensor> {
+                (**self).forward(x, f)
+            }
+            fn forward_branch(
+                &self,
+                x: &Tensor,
+                branch: Branch,
+                f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+            ) -> Result<Tensor> {
+                (**self).forward_branch(x, branch, f)
+            }
+        }
+    )*};
+}
+
+delegate_residual!(Box<R>, &R);
 
 /// Where a residual block sits in a layer; also names its LayerNorm as torchscale does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,5 +259,102 @@ pub trait Stabilizer: Send + Sync + std::fmt::Debug {
     /// The factor on the skip branch, for reporting (DeepNorm α, Admin ω; 1 otherwise).
     fn residual_scale(&self) -> f64 {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// `2x + f(x)`: small enough to compute by hand.
+    #[derive(Debug)]
+    struct Doubling;
+
+    impl Residual for Doubling {
+        fn pre(&self, x: &Tensor, _: Branch) -> Result<Tensor> {
+            Ok((x + 1.0)?)
+        }
+        fn post(&self, x: &Tensor, fx: &Tensor, _: Branch) -> Result<Tensor> {
+            Ok(((x * 2.0)? + fx)?)
+        }
+    }
+
+    /// Overrides `forward_branch`, which the generic methods must go through.
+    #[derive(Debug)]
+    struct Overriding;
+
+    impl Residual for Overriding {
+        fn pre(&self, x: &Tensor, _: Branch) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn post(&self, x: &Tensor, _: &Tensor, _: Branch) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn forward_branch(
+            &self,
+            x: &Tensor,
+            _: Branch,
+            f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+        ) -> Result<Tensor> {
+            Ok((f(x)? * 10.0)?)
+        }
+    }
+
+    fn candle_sqr(h: &Tensor) -> candle_core::Result<Tensor> {
+        h.sqr()
+    }
+
+    #[test]
+    fn forward_with_takes_candle_closures_on_types_and_trait_objects() -> Result<()> {
+        let x = Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?;
+        // 2x + (x + 1)^2
+        let want = [6.0f32, -3.0, 22.0];
+        let ours = Doubling.forward(&x, &mut |h| Ok(h.sqr()?))?;
+        assert_eq!(ours.to_vec1::<f32>()?, want);
+        let concrete = Doubling.forward_with(&x, candle_sqr)?;
+        assert_eq!(concrete.to_vec1::<f32>()?, want);
+        let boxed: Box<dyn Residual> = Box::new(Doubling);
+        let dynamic = boxed.forward_branch_with(&x, Branch::B, |h| h.sqr())?;
+        assert_eq!(dynamic.to_vec1::<f32>()?, want);
+        // A stateful closure (FnMut) is fine too.
+        let mut calls = 0;
+        boxed.forward_with(&x, |h| {
+            calls += 1;
+            h.sqr()
+        })?;
+        assert_eq!(calls, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn forward_with_honours_an_overridden_forward_branch() -> Result<()> {
+        let x = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?;
+        let got = Overriding.forward_with(&x, |h| h + 1.0)?;
+        assert_eq!(got.to_vec1::<f32>()?, [20.0, 30.0]);
+        let boxed: Box<dyn Residual> = Box::new(Overriding);
+        assert_eq!(
+            boxed.forward_with(&x, |h| h + 1.0)?.to_vec1::<f32>()?,
+            [20.0, 30.0]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn closure_errors_keep_their_message() -> Result<()> {
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
+        let w = Tensor::ones((4, 5), DType::F32, &Device::Cpu)?;
+        let err = Doubling.forward_with(&x, |h| h.matmul(&w)).unwrap_err();
+        assert!(matches!(err, Error::Candle(_)));
+        // The first line: with RUST_BACKTRACE set, candle appends a backtrace.
+        assert_eq!(
+            err.to_string().lines().next(),
+            Some("shape mismatch in matmul, lhs: [2, 3], rhs: [4, 5]")
+        );
+        let err = Doubling
+            .forward_with(&x, |_| Err(Error::invalid("attention", "no mask")))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "invalid argument `attention`: no mask");
+        Ok(())
     }
 }
