@@ -138,48 +138,20 @@ pub fn state_tensors(
     tensors
 }
 
-/// safetensors bytes of `tensors` (on any device) with `metadata` in the header. Integer tensors
-/// (u8, u32, i64) keep their dtype; floating-point ones are stored as f32, torchscale's dtype.
+/// safetensors bytes of `tensors` (on any device) with `metadata` in the header. Every tensor keeps
+/// its dtype: f32 as f32, f16 and bf16 as themselves (half the bytes, and a bf16 model reloads
+/// bit-exactly), integers as integers. [`load_into`] converts to the receiving model's dtype.
 pub fn serialize(
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    fn le<T: Copy>(v: Vec<T>, bytes: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
-        v.into_iter().flat_map(bytes).collect()
-    }
-    let data: Vec<(&str, safetensors::Dtype, &[usize], Vec<u8>)> = tensors
+    // candle's `safetensors::View` for tensors reads the bytes in the tensor's own dtype; it wants
+    // host memory, so device tensors are copied over first.
+    let host = tensors
         .iter()
-        .map(|(k, t)| -> Result<_> {
-            let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
-            let (dt, bytes) = match flat.dtype() {
-                DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
-                DType::U32 => (
-                    safetensors::Dtype::U32,
-                    le(flat.to_vec1::<u32>()?, |x| x.to_le_bytes().to_vec()),
-                ),
-                DType::I64 => (
-                    safetensors::Dtype::I64,
-                    le(flat.to_vec1::<i64>()?, |x| x.to_le_bytes().to_vec()),
-                ),
-                _ => (
-                    safetensors::Dtype::F32,
-                    le(flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, |x| {
-                        x.to_le_bytes().to_vec()
-                    }),
-                ),
-            };
-            Ok((k.as_str(), dt, t.dims(), bytes))
-        })
-        .collect::<Result<_>>()?;
-    let views = data
-        .iter()
-        .map(|(k, dt, shape, b)| {
-            safetensors::tensor::TensorView::new(*dt, shape.to_vec(), b)
-                .map(|v| (k.to_string(), v))
-                .map_err(|e| Error::invalid(k.to_string(), e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata))
+        .map(|(k, t)| Ok((k.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<(&str, Tensor)>>>()?;
+    safetensors::serialize(host.iter().map(|(k, t)| (*k, t)), Some(metadata))
         .map_err(|e| Error::invalid("safetensors", e.to_string()))
 }
 
