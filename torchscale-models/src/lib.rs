@@ -38,6 +38,7 @@ pub mod encoder;
 pub mod encoder_decoder;
 pub mod layer;
 pub mod lm;
+pub mod pretrained;
 pub mod randomness;
 pub mod spec;
 pub mod train;
@@ -49,4 +50,5 @@ pub use decoder::{Decoder, DecoderInputs, DecoderOutput, IncrementalState, Memor
 pub use encoder::{Encoder, EncoderInputs, EncoderOutput};
 pub use encoder_decoder::EncoderDecoder;
 pub use lm::LanguageModel;
+pub use pretrained::{convert_pt, ModelClass};
 pub use train::Trainer;
