@@ -1,13 +1,15 @@
 //! Admin in a transformer written with plain `candle_nn` pieces (no torchscale models):
-//! a 2-layer Post-LN encoder whose 4 residual blocks are `LN(ω·x + f(x))`.
+//! a 2-layer Post-LN encoder whose 4 residual blocks are `LN(ω·x + f(x))`. Everything comes
+//! through `torchscale_admin` (candle included), as in a crate that depends on it alone.
 //!
 //! Run with `cargo run -p torchscale-admin --example plain_candle`.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{linear, AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use torchscale_admin::{as_residual, OmegaResidual};
-use torchscale_core::{NormSpec, Residual};
+use torchscale_admin::candle_core::{self, DType, Device, Tensor, D};
+use torchscale_admin::candle_nn::{
+    self, linear, AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap,
+};
+use torchscale_admin::{as_residual, NormSpec, OmegaResidual};
 
 const DIM: usize = 16;
 const HEADS: usize = 4;
@@ -73,6 +75,14 @@ struct Layer {
     ffn_res: OmegaResidual,
 }
 
+impl Layer {
+    /// A candle-style forward: candle's `Result`, and `?` on the Admin calls.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.attn_res.forward_with(x, |z| self.attn.forward(z))?;
+        Ok(self.ffn_res.forward_with(&h, |z| self.ffn.forward(z))?)
+    }
+}
+
 fn main() -> Result<()> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -103,12 +113,7 @@ fn main() -> Result<()> {
     let forward = || -> Result<Tensor> {
         let mut h = x.clone();
         for layer in &layers {
-            h = layer
-                .attn_res
-                .forward(&h, &mut |z| Ok(layer.attn.forward(z)?))?;
-            h = layer
-                .ffn_res
-                .forward(&h, &mut |z| Ok(layer.ffn.forward(z)?))?;
+            h = layer.forward(&h)?;
         }
         let pred = head.forward(&h)?;
         Ok((pred - &target)?.sqr()?.mean_all()?)

@@ -15,44 +15,71 @@
 //! lists (`layer_norms.i.*`, `residuals.i.omega`); [`Admin`] uses `<site norm>.*` and
 //! `<site>_residual.omega` inside the layer (see [`omega_prefix`]).
 //!
-//! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use torchscale_core::{init::ParamStore, NormSpec, Residual};
+//! **One dependency.** This crate re-exports what its API takes and returns ([`NormSpec`],
+//! [`Residual`], [`ParamStore`], [`LayerNorm`], [`Multiway`]/[`Branch`], [`Error`], [`Result`]),
+//! the candle it was built with ([`candle_core`], [`candle_nn`]) and [`torchscale_core`] itself;
+//! [`prelude`] brings the builder, the traits and everyday types in one `use`.
+//! [`OmegaResidual::forward_with`] takes a closure returning candle's `Result`, and our
+//! [`Error`] converts into `candle_core::Error`, so a candle model uses it with plain `?`:
 //!
-//! # fn main() -> torchscale_core::Result<()> {
+//! ```
+//! use torchscale_admin::candle_core::{self, DType, Device, Module, Tensor};
+//! use torchscale_admin::candle_nn::{linear, Linear};
+//! use torchscale_admin::{as_residual, NormSpec, OmegaResidual, ParamStore};
+//!
+//! /// One sublayer of your own candle model, wrapped as `LN(x·ω + f(x))`.
+//! fn block(res: &OmegaResidual, mlp: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+//!     Ok(res.forward_with(x, |h| mlp.forward(h)?.gelu_erf())?)
+//! }
+//!
+//! # fn main() -> torchscale_admin::Result<()> {
 //! let store = ParamStore::new(0);
 //! let vb = store.var_builder(DType::F32, &Device::Cpu);
 //! let spec = NormSpec { dim: 8, eps: 1e-5, multiway: false };
 //! // An encoder of 3 layers has 6 residual sublayers.
-//! let res = torchscale_admin::as_residual(6).build(spec, vb.pp("ln0"), vb.pp("res0"))?;
+//! let res = as_residual(6).build(spec, vb.pp("ln0"), vb.pp("res0"))?;
 //! assert!((res.omega().init_value() - 1.6116105).abs() < 1e-6);
 //!
+//! let mlp = linear(8, 8, vb.pp("mlp"))?;
 //! let x = Tensor::ones((2, 5, 8), DType::F32, &Device::Cpu)?;
-//! // Wrap any sublayer: here a stand-in for your attention.
-//! let y = res.forward(&x, &mut |h| Ok((h * 0.5)?))?;
+//! let y = block(&res, &mlp, &x)?;
 //! assert_eq!(y.dims(), &[2, 5, 8]);
-//! assert!(store.get("ln0.weight").is_some());
+//! // Each row is layer-normalised (unit weight, zero bias at init): mean 0.
+//! let mean = y.mean_keepdim(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(mean < 1e-5);
+//! assert!(store.get("ln0.weight").is_some() && store.get("mlp.weight").is_some());
 //!
 //! // A learnable per-channel omega instead of the fixed buffer:
-//! let res = torchscale_admin::as_residual(6)
+//! let res = as_residual(6)
 //!     .output_change_scale("O(1)".parse()?)
 //!     .as_parameter(8)
 //!     .build(spec, vb.pp("ln1"), vb.pp("res1"))?;
 //! assert_eq!(store.get("res1.omega").map(|v| v.dims().to_vec()), Some(vec![8]));
-//! # let _ = res;
+//! // Our closures work too (`forward`, with our `Result`).
+//! let y = res.forward(&x, &mut |h| Ok((h * 0.5)?))?;
+//! assert_eq!(y.dims(), &[2, 5, 8]);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
 
 pub mod omega;
+pub mod prelude;
 pub mod residual;
 
 pub use omega::{omega, OutputChangeScale};
 pub use residual::{Omega, OmegaResidual};
 
+// What the API takes and returns, so that this crate is the only dependency a user needs.
+pub use candle_core;
+pub use candle_nn;
+pub use torchscale_core;
+pub use torchscale_core::init::ParamStore;
+pub use torchscale_core::layer_norm::LayerNorm;
+pub use torchscale_core::{
+    Branch, Error, Multiway, NormSpec, Residual, Result, Site, Stabilizer, StackKind,
+};
+
 use candle_nn::VarBuilder;
-use torchscale_core::layer_norm::LayerNorm;
-use torchscale_core::{Error, Multiway, NormSpec, Residual, Result, Site, Stabilizer, StackKind};
 
 /// Starts an Admin residual for a stack of `num_residual_layers` residual sublayers (2 per encoder
 /// layer, 3 per decoder layer with cross-attention). Defaults: `output_change_scale = default`,

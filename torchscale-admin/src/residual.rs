@@ -104,6 +104,47 @@ impl OmegaResidual {
     pub fn norm(&self) -> &Multiway<LayerNorm> {
         &self.norm
     }
+
+    // The four methods below repeat the `Residual` ones so that they need no trait import (rustc
+    // would otherwise suggest candle's `Module`, which has a `forward` too).
+
+    /// `LN(x·ω + f(x))` ([`Residual::forward`]); `f` returns our `Result`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        Residual::forward(self, x, f)
+    }
+
+    /// [`OmegaResidual::forward`] with a multiway branch ([`Residual::forward_branch`]).
+    pub fn forward_branch(
+        &self,
+        x: &Tensor,
+        branch: Branch,
+        f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        Residual::forward_branch(self, x, branch, f)
+    }
+
+    /// `LN(x·ω + f(x))` for an `f` returning candle's `Result` (or any error convertible into
+    /// [`Error`]): `res.forward_with(&x, |h| attn.forward(h))?` ([`Residual::forward_with`]).
+    pub fn forward_with<F, E>(&self, x: &Tensor, f: F) -> Result<Tensor>
+    where
+        F: FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Error>,
+    {
+        Residual::forward_with(self, x, f)
+    }
+
+    /// [`OmegaResidual::forward_with`] with a multiway branch.
+    pub fn forward_branch_with<F, E>(&self, x: &Tensor, branch: Branch, f: F) -> Result<Tensor>
+    where
+        F: FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Error>,
+    {
+        Residual::forward_branch_with(self, x, branch, f)
+    }
 }
 
 impl Residual for OmegaResidual {
@@ -212,6 +253,39 @@ mod tests {
         assert_eq!(store.named_vars().len(), 3);
         let bad = Tensor::ones((2, 4), DType::F32, &dev)?;
         assert!(matches!(res.combine(&bad, &bad), Err(Error::Shape { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn candle_closures_and_branches_give_the_same_block() -> Result<()> {
+        let dev = Device::Cpu;
+        let store = ParamStore::new(4);
+        let vb = store.var_builder(DType::F32, &dev);
+        let norm = Multiway::new(true, vb.pp("ln"), |vb| LayerNorm::new(4, 1e-5, vb))?;
+        let res = OmegaResidual::new(Omega::buffer(2.0, vb.pp("r"))?, norm);
+        // Make the B norm differ from A, so that the branch is seen in the output.
+        store
+            .get("ln.B.bias")
+            .ok_or_else(|| Error::invalid("ln.B.bias", "not created"))?
+            .set(&Tensor::new(&[1.0f32, 1.0, 1.0, 1.0], &dev)?)?;
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0, 4.0]], &dev)?;
+        let f = Tensor::new(&[[1.0f32, -1.0, 0.0, 2.0]], &dev)?;
+        let candle_f = |_: &Tensor| -> candle_core::Result<Tensor> { Ok(f.clone()) };
+        let a = vals(&res.forward_with(&x, candle_f)?)?;
+        assert_eq!(a, vals(&res.forward(&x, &mut |_| Ok(f.clone()))?)?);
+        // r = 2x + f = [3, 3, 6, 10]: mean 5.5, biased variance 33/4.
+        let s = (33.0f64 / 4.0 + 1e-5).sqrt();
+        for (g, v) in a.iter().zip([3.0f64, 3.0, 6.0, 10.0]) {
+            approx::assert_abs_diff_eq!(*g as f64, (v - 5.5) / s, epsilon = 1e-6);
+        }
+        let b = vals(&res.forward_branch_with(&x, Branch::B, candle_f)?)?;
+        assert_eq!(
+            b,
+            vals(&res.forward_branch(&x, Branch::B, &mut |_| Ok(f.clone()))?)?
+        );
+        for (gb, ga) in b.iter().zip(&a) {
+            approx::assert_abs_diff_eq!(*gb, ga + 1.0, epsilon = 1e-6);
+        }
         Ok(())
     }
 
