@@ -13,12 +13,19 @@
 //! Each residual owns its LayerNorm, built under `vb.pp(site.norm_name())`, so its keys are
 //! torchscale's (`self_attn_layer_norm.weight`, `final_layer_norm.A.bias` when multiway, ...).
 //!
+//! **One dependency.** This crate re-exports what its API takes and returns ([`Stabilizer`],
+//! [`Residual`], [`NormSpec`], [`Site`], [`StackKind`], [`ParamRole`], [`LayerNorm`],
+//! [`Multiway`]/[`Branch`], [`ParamStore`], [`Error`], [`Result`]), the candle it was built with
+//! ([`candle_core`], [`candle_nn`]) and [`torchscale_core`] itself; [`prelude`] brings the
+//! techniques, the traits and everyday types in one `use`. A residual wraps a closure returning
+//! candle's `Result` with [`Residual::forward_with`], and `?` turns our [`Error`] into
+//! `candle_core::Error` in candle code.
+//!
 //! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use torchscale_core::{init::ParamStore, NormSpec, ParamRole, Site, StackKind};
+//! use torchscale_norm::prelude::*;
 //! use torchscale_norm::{stabilizer_for, Technique};
 //!
-//! # fn main() -> torchscale_core::Result<()> {
+//! # fn main() -> torchscale_norm::Result<()> {
 //! let stack = StackKind::Encoder { layers: 6 };
 //! let deepnorm = stabilizer_for(Technique::DeepNorm, stack)?;
 //! // DeepNet's constants for a 6-layer encoder: α = 12^(1/4), β = 48^(-1/4).
@@ -30,8 +37,9 @@
 //! let spec = NormSpec { dim: 8, eps: 1e-5, multiway: false };
 //! let res = deepnorm.residual(Site::SelfAttention, spec, vb.pp("layers.0"))?;
 //! let x = Tensor::ones((2, 3, 8), DType::F32, &Device::Cpu)?;
-//! // Any function can be the sublayer: here f(h) = 2h, so the block is LN((α + 2)·x).
-//! let y = res.forward(&x, &mut |h| Ok((h * 2.0)?))?;
+//! // Any function can be the sublayer, here one returning candle's `Result`: f(h) = 2h, so the
+//! // block is LN((α + 2)·x).
+//! let y = res.forward_with(&x, |h| h * 2.0)?;
 //! assert_eq!(y.dims(), &[2, 3, 8]);
 //! assert!(store.get("layers.0.self_attn_layer_norm.weight").is_some());
 //! # Ok(()) }
@@ -48,7 +56,26 @@ pub use post_ln::{PostLn, PostNormResidual};
 pub use pre_ln::{PreLn, PreNormResidual};
 pub use subln::SubLn;
 
-use torchscale_core::{Error, Result, Stabilizer, StackKind};
+// What the API takes and returns, so that this crate is the only dependency a user needs.
+pub use candle_core;
+pub use candle_nn;
+pub use torchscale_core;
+pub use torchscale_core::init::ParamStore;
+pub use torchscale_core::layer_norm::LayerNorm;
+pub use torchscale_core::{
+    Branch, Error, Multiway, NormSpec, ParamRole, Residual, Result, Site, Stabilizer, StackKind,
+};
+
+/// The techniques, the traits and everyday types, for `use torchscale_norm::prelude::*`
+/// ([`Error`] and [`Result`] stay at the crate root, so that the standard `Result` is not
+/// shadowed).
+pub mod prelude {
+    pub use crate::{
+        stabilizer_for, DeepNorm, PostLn, PostNormResidual, PreLn, PreNormResidual, SubLn,
+        Technique,
+    };
+    pub use torchscale_core::prelude::*;
+}
 
 /// The techniques of this crate, for choosing one at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
