@@ -12,12 +12,17 @@
 //!   [`MoeLayer::forward_ctx`] / [`torchscale_core::Sublayer`] on `[B, T, C]`.
 //! - [`parallel`]: the expert-parallelism seam ([`ExpertComm`]).
 //!
-//! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use torchscale_core::{init::ParamStore, RouteOptions};
-//! use torchscale_moe::{MoeConfig, MoeLayer};
+//! **One dependency.** This crate re-exports what its API takes and returns ([`RouteOptions`],
+//! [`Routing`], [`RoutingStats`], [`Router`], [`Sublayer`]/[`Ctx`], [`Activation`],
+//! [`FeedForward`]/[`FfnConfig`] (the experts), [`ParamStore`], [`Error`], [`Result`]), the candle
+//! it was built with ([`candle_core`], [`candle_nn`]) and [`torchscale_core`] itself; [`prelude`]
+//! brings the layer, its config, the traits and everyday types in one `use`. Our [`Error`]
+//! converts into `candle_core::Error`, so `?` works on these calls in candle code.
 //!
-//! # fn main() -> torchscale_core::Result<()> {
+//! ```
+//! use torchscale_moe::prelude::*;
+//!
+//! # fn main() -> torchscale_moe::Result<()> {
 //! let cfg = MoeConfig {
 //!     embed_dim: 8, ffn_dim: 16, num_experts: 4, use_xmoe: true, ..Default::default()
 //! }
@@ -51,3 +56,25 @@ pub use layer::{MoeLayer, MoeOutput};
 pub use parallel::{ExpertComm, InProcessGroup, SingleProcess};
 pub use router::{Gate, MoeRouter, XMoeGate};
 pub use torchscale_core::router::ChoiceStatus;
+
+// What the API takes and returns, so that this crate is the only dependency a user needs.
+pub use candle_core;
+pub use candle_nn;
+pub use torchscale_core;
+pub use torchscale_core::ffn::{FeedForward, FfnConfig};
+pub use torchscale_core::init::ParamStore;
+pub use torchscale_core::{
+    Activation, AuxOutput, Ctx, Error, Result, RouteOptions, Router, Routing, RoutingStats,
+    Sublayer,
+};
+
+/// The MoE layer, its config and router, the traits and everyday types, for
+/// `use torchscale_moe::prelude::*` ([`Error`] and [`Result`] stay at the crate root, so that the
+/// standard `Result` is not shadowed).
+pub mod prelude {
+    pub use crate::{
+        ExpertComm, MoeConfig, MoeLayer, MoeOutput, MoeRouter, SecondExpertPolicy, SingleProcess,
+    };
+    pub use torchscale_core::prelude::*;
+    pub use torchscale_core::{Routing, RoutingStats};
+}
