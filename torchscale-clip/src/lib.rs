@@ -21,12 +21,15 @@
 //! carries the non-finite `total_norm` with `coef = 1` and `clipped = false`, and the trainer's
 //! guard decides to skip the step (scaling by a NaN coefficient would only spread the NaN).
 //!
-//! ```
-//! use candle_core::{Device, Tensor, Var};
-//! use torchscale_clip::{GlobalNorm, SparseClip};
-//! use torchscale_core::GradClipper;
+//! **One dependency.** This crate re-exports what its API takes and returns ([`GradClipper`],
+//! [`ClipReport`], [`Error`], [`Result`]), the candle it was built with ([`candle_core`] — whose
+//! `Var` and `backprop::GradStore` the clippers take —, [`candle_nn`]) and [`torchscale_core`]
+//! itself; [`prelude`] brings the clippers, the trait and everyday types in one `use`.
 //!
-//! # fn main() -> torchscale_core::Result<()> {
+//! ```
+//! use torchscale_clip::prelude::*;
+//!
+//! # fn main() -> torchscale_clip::Result<()> {
 //! let dev = Device::Cpu;
 //! let w = Var::new(&[1f32, 1.0], &dev)?;
 //! let e = Var::new(&[1f32, 1.0], &dev)?;
@@ -58,6 +61,22 @@ mod sparse_clip;
 pub use global_norm::GlobalNorm;
 pub use sparse_clip::{ExpertGrads, SparseClip};
 pub use torchscale_core::{ClipReport, GradClipper};
+
+// What the API takes and returns, so that this crate is the only dependency a user needs.
+pub use candle_core;
+pub use candle_nn;
+pub use torchscale_core;
+pub use torchscale_core::{Error, Result};
+
+/// The clippers, their trait and everyday types (candle's `Var` and `GradStore` included), for
+/// `use torchscale_clip::prelude::*` ([`Error`] and [`Result`] stay at the crate root, so that
+/// the standard `Result` is not shadowed).
+pub mod prelude {
+    pub use crate::{ExpertGrads, GlobalNorm, SparseClip};
+    pub use candle_core::backprop::GradStore;
+    pub use candle_core::Var;
+    pub use torchscale_core::prelude::*;
+}
 
 /// Builds the report from the f32 norm and the coefficient (`None`: nothing was applied).
 fn report(total: f32, coef: Option<f32>) -> ClipReport {

@@ -17,13 +17,44 @@ pub mod toolkit;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::{Subcommand, ValueEnum};
 
 use toolkit::Toolkit;
 
-/// Usage of `cargo xtask cuda`.
-pub const USAGE: &str =
-    "cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]";
+use crate::paths::shown;
+
+/// `cargo xtask cuda <build|run>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CudaCmd {
+    /// Install the pinned CUDA toolkit (pip, under target/cuda-sdk), build the `cuda_*` tests and
+    /// examples in release into target/cuda and pack them (no GPU needed)
+    Build {
+        /// Folder to pack into [default: target/cuda-carry]
+        #[arg(long, visible_alias = "dir", value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Run what `cuda build` packed (on the GPU machine): the tests, the benchmarks, or both
+    Run {
+        /// Folder `cuda build` packed into [default: target/cuda-carry]
+        #[arg(long, visible_alias = "out", value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// What to run
+        #[arg(value_enum, default_value_t = What::All)]
+        what: What,
+    },
+}
+
+/// What `cuda run` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum What {
+    /// The `cuda_*` tests.
+    Tests,
+    /// The `cuda_*` examples (benchmarks).
+    Bench,
+    /// Tests, then benchmarks.
+    All,
+}
 
 /// GPU compute capability the build targets (H100/H200).
 pub const COMPUTE_CAP: &str = "90";
@@ -50,25 +81,20 @@ pub fn workspace_root() -> PathBuf {
     here.parent().map(Path::to_path_buf).unwrap_or(here)
 }
 
-/// Entry point: `args` after `cuda`.
-pub fn main(args: &[String]) -> Result<()> {
+/// Runs `cargo xtask cuda build` or `cargo xtask cuda run`.
+pub fn main(cmd: CudaCmd) -> Result<()> {
     let root = workspace_root();
-    let mut dir = root.join("target/cuda-carry");
-    let mut what = "all".to_string();
-    let mut it = args.iter().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--out" | "--dir" => {
-                dir = PathBuf::from(it.next().context("--out/--dir takes a folder")?)
-            }
-            "tests" | "bench" | "all" => what = a.clone(),
-            other => bail!("unknown argument `{other}`\nusage: {USAGE}"),
+    let carry = |d: Option<PathBuf>| d.unwrap_or_else(|| root.join("target/cuda-carry"));
+    match cmd {
+        CudaCmd::Build { out } => build(&root, &carry(out)),
+        CudaCmd::Run { dir, what } => {
+            let what = what.to_possible_value().expect("no skipped variant");
+            toolkit::run(
+                Command::new("bash")
+                    .arg(carry(dir).join("run.sh"))
+                    .arg(what.get_name()),
+            )
         }
-    }
-    match args.first().map(String::as_str) {
-        Some("build") => build(&root, &dir),
-        Some("run") => toolkit::run(Command::new("bash").arg(dir.join("run.sh")).arg(&what)),
-        _ => bail!("usage: {USAGE}"),
     }
 }
 
@@ -85,18 +111,20 @@ pub fn build(root: &Path, out: &Path) -> Result<()> {
             .args(["fetch", "--quiet"]),
     )?;
     let link = tk.ensure_link_dir(&home)?;
+    tracing::info!("building the cuda_* tests and examples (release, target/cuda)");
     let bins = cargo_build(root, &home, &link)?;
     if bins.is_empty() {
         bail!("cargo built no cuda_* test or example");
     }
+    tracing::info!("packing {} binaries (strip, xz)", bins.len());
     let size = pack::pack(&bins, out)?;
     for a in &bins {
-        println!("{:5} {:18} {}", a.kind, a.krate, a.path.display());
+        println!("{:5} {:18} {}", a.kind, a.krate, shown(&a.path));
     }
     println!(
         "packed {} binaries into {} ({:.1} MiB); carry it and run `bash {}/run.sh`",
         bins.len(),
-        out.display(),
+        shown(out),
         size as f64 / (1024.0 * 1024.0),
         out.strip_prefix(root).unwrap_or(out).display()
     );

@@ -13,14 +13,17 @@ mod compare;
 mod inputs;
 mod python;
 mod run;
+pub mod setup;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use clap::Parser;
 
 use crate::golden::Tolerance;
 use crate::parity::TolMode;
+use crate::paths::shown;
 
 pub use cases::{default_cases, Case};
 pub use checkpoint::{Checkpoint, Model, ModelConfig};
@@ -28,10 +31,7 @@ pub use compare::{compare_dir, ModelReport};
 pub use inputs::{make_inputs, SplitMix};
 pub use python::{default_python, find_python, run_python};
 pub use run::{prepare, run_ours, write_ours};
-
-/// Command-line usage.
-pub const USAGE: &str = "usage: cargo xtask export-check [--python PATH] [--checkpoint DIR] \
-[--out DIR] [--tolerance strict|default]";
+pub use setup::{setup_command, RefSetupArgs, SETUP_SCRIPT};
 
 /// The Python side of the check.
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/export_check.py");
@@ -44,6 +44,29 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const OURS_FILE: &str = "ours.safetensors";
 /// torchscale's outputs, written by the script under the names of `ours.*` without the prefix.
 pub const REFERENCE_FILE: &str = "torchscale.safetensors";
+
+/// The command line of `cargo xtask export-check`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "export-check",
+    about = "Checkpoints written here load into PyTorch torchscale 0.3.0 (strict) and give the \
+             same outputs; needs the reference environment (`cargo xtask ref-setup`)"
+)]
+pub struct ExportCheckArgs {
+    /// Python of the reference environment [default: ~/.cache/torchscale-ref-venv/bin/python]
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// Check this checkpoint folder (config.json + model.safetensors, as train_lm writes)
+    /// instead of the built-in models
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// Work folder [default: target/export-check]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Tolerance column of FORMAT.md section 6
+    #[arg(long, value_enum, default_value_t = TolMode::Strict)]
+    pub tolerance: TolMode,
+}
 
 /// Parsed command line.
 #[derive(Debug, Clone)]
@@ -58,44 +81,28 @@ pub struct Options {
     pub tol: TolMode,
 }
 
-impl Options {
-    /// Parses the arguments after `export-check`.
-    pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = Options {
-            python: None,
-            checkpoint: None,
-            out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/export-check"),
-            tol: TolMode::Strict,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut val = || {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| anyhow!("{a} needs a value\n{USAGE}"))
-            };
-            match a.as_str() {
-                "--python" => o.python = Some(val()?.into()),
-                "--checkpoint" => o.checkpoint = Some(val()?.into()),
-                "--out" => o.out = val()?.into(),
-                "--tolerance" => {
-                    o.tol = match val()?.as_str() {
-                        "strict" => TolMode::Strict,
-                        "default" => TolMode::Default,
-                        _ => bail!("--tolerance takes strict or default"),
-                    }
-                }
-                "-h" | "--help" => bail!("{USAGE}"),
-                other => bail!("unknown argument `{other}`\n{USAGE}"),
-            }
+impl From<ExportCheckArgs> for Options {
+    fn from(a: ExportCheckArgs) -> Self {
+        Options {
+            python: a.python,
+            checkpoint: a.checkpoint,
+            out: a
+                .out
+                .unwrap_or_else(|| crate::paths::workspace_root().join("target/export-check")),
+            tol: a.tolerance,
         }
-        Ok(o)
+    }
+}
+
+impl Options {
+    /// Parses the arguments after `export-check` (see [`ExportCheckArgs`]).
+    pub fn parse(args: &[String]) -> Result<Self> {
+        Ok(crate::cli::parse_flags::<ExportCheckArgs>("export-check", args)?.into())
     }
 }
 
 /// `cargo xtask export-check ...`: prints one line per model and fails if any model fails.
-pub fn main(args: &[String]) -> Result<()> {
-    let opts = Options::parse(args)?;
+pub fn main(opts: &Options) -> Result<()> {
     let start = Instant::now();
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let python = find_python(opts.python.as_deref(), home.as_deref())?;
@@ -106,6 +113,7 @@ pub fn main(args: &[String]) -> Result<()> {
     let mut works: Vec<(String, PathBuf)> = Vec::new();
     match &opts.checkpoint {
         Some(dir) => {
+            tracing::info!("loading the checkpoint {}", shown(dir));
             let ck = Checkpoint::load(dir)?;
             ck.config.torchscale_only()?;
             let name = dir
@@ -132,6 +140,12 @@ pub fn main(args: &[String]) -> Result<()> {
     }
     let prep = start.elapsed();
     let dirs: Vec<PathBuf> = works.iter().map(|(_, w)| w.clone()).collect();
+    tracing::info!(
+        "{} models written under {} ({:.1} s); running PyTorch torchscale on them",
+        works.len(),
+        shown(&opts.out),
+        prep.as_secs_f64()
+    );
     let py_out = run_python(&python, &dirs, tol)?;
     for l in py_out.lines() {
         println!("  [python] {l}");

@@ -3,10 +3,12 @@
 
 pub mod admin_case;
 pub mod bench;
+pub mod cli;
 pub mod clip_case;
 pub mod cuda;
 pub mod export_check;
 pub mod golden;
 pub mod grad_case;
 pub mod parity;
+pub mod paths;
 pub mod stability;

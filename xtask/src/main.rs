@@ -1,58 +1,103 @@
-//! `cargo xtask <command>`: parity, ...
+//! `cargo xtask <command>`: the workflows of torchscale-rs (`cargo xtask --help` lists them).
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
 
-use anyhow::{bail, Result};
-use xtask::parity::{run_all, TolMode};
+use anyhow::Result;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use xtask::bench::{BenchCmd, MoeArgs, TrainArgs};
+use xtask::cuda::CudaCmd;
+use xtask::export_check::{ExportCheckArgs, Options, RefSetupArgs};
+use xtask::parity::ParityArgs;
+use xtask::stability::StabilityArgs;
 
 #[global_allocator]
 static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
 
-const USAGE: &str = "usage: cargo xtask parity [--tolerance strict|default] [FILE|DIR]...
-       cargo xtask export-check [--python PATH] [--checkpoint DIR] [--out DIR] [--tolerance strict|default]
-       cargo xtask cuda build [--out DIR] | cargo xtask cuda run [--dir DIR] [tests|bench|all]
-       cargo xtask stability [--quick] [--layers N] [--dim D] [--steps S] [--lr X] [--warmup W] [--batch B] [--seq T] [--techniques a,b,..] [--seed N] [--out DIR]";
+/// Workflows of torchscale-rs: parity with PyTorch torchscale, export checks, the stability
+/// experiment, benchmarks and the CUDA build. Run from the repository root.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    propagate_version = true,
+    after_help = "Progress is logged on stderr; RUST_LOG sets the level (default: info for xtask, \
+                  warn for the libraries)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    Parity(ParityArgs),
+    ExportCheck(ExportCheckArgs),
+    RefSetup(RefSetupArgs),
+    Stability(StabilityArgs),
+    /// Benchmarks: `moe` (dispatch paths) and `train` (whole training steps)
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// The CUDA build (on a machine without a GPU) and running it (on the GPU machine)
+    #[command(subcommand)]
+    Cuda(CudaCmd),
+}
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging();
     torchscale_kernels::alloc::keep_freed_memory();
     torchscale_kernels::runtime::one_compute_pool();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        bail!("{USAGE}")
-    };
-    match cmd.as_str() {
-        "parity" => parity(&args[1..]),
-        "bench" => xtask::bench::main(&args[1..]),
-        "export-check" => xtask::export_check::main(&args[1..]),
-        "stability" => xtask::stability::main(&args[1..]),
-        "cuda" => xtask::cuda::main(&args[1..]),
-        other => bail!("unknown command `{other}`\n{USAGE}"),
+    match cli.command {
+        Cmd::Parity(args) => {
+            if !xtask::parity::main(&args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::ExportCheck(args) => xtask::export_check::main(&Options::from(args)),
+        Cmd::RefSetup(args) => xtask::export_check::setup::main(&args),
+        Cmd::Stability(args) => {
+            let opts = usage(&["stability"], StabilityArgs::into_opts(args));
+            xtask::stability::main(&opts)
+        }
+        Cmd::Bench(BenchCmd::Moe(args)) => {
+            let opts = usage(&["bench", "moe"], MoeArgs::into_opts(args));
+            xtask::bench::moe::main(&opts)
+        }
+        Cmd::Bench(BenchCmd::Train(args)) => {
+            // Validate here so that a bad combination is a usage error (exit 2), as in clap.
+            usage(&["bench", "train"], TrainArgs::into_opts(args.clone()));
+            xtask::bench::train::main(args)
+        }
+        Cmd::Cuda(cmd) => xtask::cuda::main(cmd),
     }
 }
 
-fn parity(args: &[String]) -> Result<()> {
-    let mut mode = TolMode::Strict;
-    let mut paths = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--tolerance" => {
-                mode = match it.next().map(String::as_str) {
-                    Some("strict") => TolMode::Strict,
-                    Some("default") => TolMode::Default,
-                    _ => bail!("--tolerance takes strict or default"),
-                }
-            }
-            p => paths.push(PathBuf::from(p)),
+/// Logs on stderr (stdout carries the results), filtered by RUST_LOG, colored on a terminal only.
+fn init_logging() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,xtask=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+/// The value, or a usage error (exit status 2) of the subcommand at `path` with the message.
+fn usage<T>(path: &[&str], r: Result<T>) -> T {
+    r.unwrap_or_else(|e| {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut sub = &mut cmd;
+        for name in path {
+            sub = sub.find_subcommand_mut(name).expect("a subcommand of Cli");
         }
-    }
-    if paths.is_empty() {
-        paths.push(PathBuf::from("testdata/golden"));
-    }
-    let files = xtask::golden::collect_files(&paths)?;
-    let (_, failed, _) = run_all(&files, mode);
-    if failed > 0 {
-        std::process::exit(1);
-    }
-    Ok(())
+        sub.error(ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit()
+    })
 }

@@ -16,12 +16,12 @@ use torchscale_models::encoder_decoder::EncoderDecoder;
 
 use crate::golden::{compare, compare_exact, Comparison, GoldenFile, Tolerance};
 
-/// Which tolerances of FORMAT.md section 6 to apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which tolerances of FORMAT.md section 6 to apply (`--tolerance strict|default`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TolMode {
-    /// The strict column (the default).
+    /// FORMAT.md's strict column.
     Strict,
-    /// The default column.
+    /// FORMAT.md's default column (looser).
     Default,
 }
 
@@ -460,6 +460,40 @@ fn compare_grads(
         }
     }
     Ok(out)
+}
+
+/// The command line of `cargo xtask parity`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "parity",
+    about = "Run golden files through the port and compare every expected tensor under FORMAT.md's \
+             tolerances; exits 1 when a file fails"
+)]
+pub struct ParityArgs {
+    /// Tolerance column of FORMAT.md section 6
+    #[arg(long, value_enum, default_value_t = TolMode::Strict)]
+    pub tolerance: TolMode,
+    /// Golden files (.safetensors) or folders of them
+    #[arg(value_name = "PATH", default_value = "testdata/golden", value_parser = existing_path)]
+    pub paths: Vec<PathBuf>,
+}
+
+fn existing_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.exists() {
+        Ok(p)
+    } else if s == "testdata/golden" {
+        Err("no such folder here; run from the repository root, or give golden files".into())
+    } else {
+        Err("no such file or folder".into())
+    }
+}
+
+/// `cargo xtask parity`: checks every file; returns whether none failed.
+pub fn main(args: &ParityArgs) -> Result<bool> {
+    let files = crate::golden::collect_files(&args.paths)?;
+    let (_, failed, _) = run_all(&files, args.tolerance);
+    Ok(failed == 0)
 }
 
 /// Runs every file, prints one line each and the totals; returns (passed, failed, skipped).

@@ -39,6 +39,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
+use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use torchscale_core::Error as CoreError;
 use torchscale_models::config::{DecoderConfig, Technique};
@@ -48,14 +49,115 @@ use torchscale_models::train::{
     AdamWConfig, ClipMode, InverseSqrt, Schedule, Trainer, TrainerConfig,
 };
 
+use crate::cli::{count, non_negative};
+use crate::paths::shown;
+
 pub use plot::draw;
 pub use record::{Experiment, ExperimentConfig, RunRecord, StepRecord, ValidRecord};
 pub use verdict::{classify, unigram_entropy, window, CurveSummary, Thresholds, Verdict};
 
-const USAGE: &str = "usage: cargo xtask stability [--quick] [--layers N] [--dim D] [--heads H] \
-[--ffn F] [--steps S] [--lr X] [--warmup W] [--batch B] [--seq T] [--clip C] \
-[--techniques post-ln,pre-ln,deepnorm,subln,admin] [--seed N] [--valid-every K] \
-[--corpus FILE] [--out DIR] [--threads N] [--no-progress]";
+/// The command line of `cargo xtask stability`. `--quick` swaps in the smoke-test sizes; any
+/// other flag given overrides them, in whatever order.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "stability",
+    about = "DeepNet's convergence experiment: the same deep, narrow byte-level decoder trained \
+             with Post-LN, Pre-LN, DeepNorm, Sub-LN and Admin"
+)]
+pub struct StabilityArgs {
+    /// Smoke-test sizes: 2 layers, width 32, FFN 64, 2 heads, 3 steps of 2x16 bytes
+    #[arg(long)]
+    pub quick: bool,
+    /// Decoder layers [default: 48]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub layers: Option<usize>,
+    /// Model width [default: 64]
+    #[arg(long, value_name = "D", value_parser = count)]
+    pub dim: Option<usize>,
+    /// Attention heads; must divide --dim [default: 4]
+    #[arg(long, value_name = "H", value_parser = count)]
+    pub heads: Option<usize>,
+    /// FFN width [default: 256]
+    #[arg(long, value_name = "F", value_parser = count)]
+    pub ffn: Option<usize>,
+    /// Training steps per technique [default: 500]
+    #[arg(long, value_name = "S", value_parser = count)]
+    pub steps: Option<usize>,
+    /// Peak learning rate [default: 3e-3]
+    #[arg(long, value_name = "X", value_parser = non_negative)]
+    pub lr: Option<f64>,
+    /// Warm-up updates of the inverse square root schedule [default: 20]
+    #[arg(long, value_name = "W")]
+    pub warmup: Option<u64>,
+    /// Sequences per step [default: 8]
+    #[arg(long, value_name = "B", value_parser = count)]
+    pub batch: Option<usize>,
+    /// Bytes per sequence [default: 32]
+    #[arg(long, value_name = "T", value_parser = count)]
+    pub seq: Option<usize>,
+    /// Global-norm clipping threshold, 0 = off [default: 0]
+    #[arg(long, value_name = "C", value_parser = non_negative)]
+    pub clip: Option<f64>,
+    /// Techniques to run, in order: post-ln, pre-ln, deepnorm, subln, admin [default: all five]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = technique_arg)]
+    pub techniques: Option<Vec<Technique>>,
+    /// Seed of the initialisation and of the data order [default: 1]
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Measure the validation loss every K steps (and at the end) [default: 100]
+    #[arg(long, value_name = "K", value_parser = count)]
+    pub valid_every: Option<usize>,
+    /// The training text [default: data/kjv.txt]
+    #[arg(long, value_name = "FILE")]
+    pub corpus: Option<PathBuf>,
+    /// Output folder for stability.json and stability.png [default: target/stability]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// CPU threads [default: RAYON_NUM_THREADS, else all cores]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub threads: Option<usize>,
+    /// No progress bars (log lines on stderr instead)
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Leave token embeddings unscaled (torchscale's config default)
+    #[arg(long)]
+    pub no_scale_embedding: bool,
+}
+
+impl StabilityArgs {
+    /// The settings: the defaults (or `--quick`'s), then every flag given.
+    pub fn into_opts(self) -> Result<StabilityOpts> {
+        let mut o = if self.quick {
+            StabilityOpts::quick()
+        } else {
+            StabilityOpts::default()
+        };
+        macro_rules! set {
+            ($($field:ident <- $flag:ident),*) => {
+                $(if let Some(v) = self.$flag { o.$field = v; })*
+            };
+        }
+        set!(layers <- layers, dim <- dim, heads <- heads, ffn_dim <- ffn, steps <- steps,
+             lr <- lr, warmup <- warmup, batch <- batch, seq_len <- seq, clip <- clip,
+             techniques <- techniques, seed <- seed, valid_every <- valid_every,
+             corpus <- corpus, out <- out);
+        o.threads = self.threads.or(o.threads);
+        o.progress &= !self.no_progress;
+        o.scale_embedding &= !self.no_scale_embedding;
+        ensure!(!o.techniques.is_empty(), "--techniques is empty");
+        ensure!(
+            o.dim % o.heads == 0,
+            "--heads {} must divide --dim {}",
+            o.heads,
+            o.dim
+        );
+        Ok(o)
+    }
+}
+
+fn technique_arg(s: &str) -> Result<Technique, String> {
+    parse_technique(s).map_err(|e| e.to_string())
+}
 
 /// Held-out fraction of the corpus lines.
 const VALID_FRACTION: f64 = 0.02;
@@ -167,52 +269,9 @@ impl StabilityOpts {
         }
     }
 
-    /// Parses the flags after `stability` (`--quick` resets the sizes; later flags override).
+    /// Parses the flags after `stability` (see [`StabilityArgs`]).
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-                    .cloned()
-            };
-            match a.as_str() {
-                "--quick" => o = Self::quick(),
-                "--layers" => o.layers = count("--layers", &value(a)?)?,
-                "--dim" => o.dim = count("--dim", &value(a)?)?,
-                "--heads" => o.heads = count("--heads", &value(a)?)?,
-                "--ffn" => o.ffn_dim = count("--ffn", &value(a)?)?,
-                "--steps" => o.steps = count("--steps", &value(a)?)?,
-                "--lr" => o.lr = float("--lr", &value(a)?)?,
-                "--warmup" => o.warmup = value(a)?.parse().context("--warmup: not a count")?,
-                "--batch" => o.batch = count("--batch", &value(a)?)?,
-                "--seq" => o.seq_len = count("--seq", &value(a)?)?,
-                "--clip" => o.clip = float("--clip", &value(a)?)?,
-                "--seed" => o.seed = value(a)?.parse().context("--seed: not an integer")?,
-                "--valid-every" => o.valid_every = count("--valid-every", &value(a)?)?,
-                "--corpus" => o.corpus = PathBuf::from(value(a)?),
-                "--out" => o.out = PathBuf::from(value(a)?),
-                "--techniques" => {
-                    o.techniques = value(a)?
-                        .split(',')
-                        .map(parse_technique)
-                        .collect::<Result<_>>()?
-                }
-                "--no-progress" => o.progress = false,
-                "--no-scale-embedding" => o.scale_embedding = false,
-                "--threads" => o.threads = Some(count("--threads", &value(a)?)?),
-                other => bail!("unknown flag `{other}`\n{USAGE}"),
-            }
-        }
-        ensure!(!o.techniques.is_empty(), "--techniques is empty");
-        ensure!(
-            o.dim % o.heads == 0,
-            "--heads {} must divide --dim {}",
-            o.heads,
-            o.dim
-        );
-        Ok(o)
+        crate::cli::parse_flags::<StabilityArgs>("stability", args)?.into_opts()
     }
 
     /// The config of `technique` at these sizes (no dropout, learned positions).
@@ -227,27 +286,6 @@ impl StabilityOpts {
             .with_scale_embedding(self.scale_embedding)
             .with_technique(technique)
     }
-}
-
-fn count(flag: &str, s: &str) -> Result<usize> {
-    let n: usize = s
-        .trim()
-        .parse()
-        .with_context(|| format!("{flag}: `{s}` is not a count"))?;
-    ensure!(n > 0, "{flag} must be positive");
-    Ok(n)
-}
-
-fn float(flag: &str, s: &str) -> Result<f64> {
-    let x: f64 = s
-        .trim()
-        .parse()
-        .with_context(|| format!("{flag}: `{s}` is not a number"))?;
-    ensure!(
-        x.is_finite() && x >= 0.0,
-        "{flag} must be a finite number >= 0"
-    );
-    Ok(x)
 }
 
 /// Parses a technique name (`post-ln`, `pre-ln`, `deepnorm`, `subln`, `admin`; case, `-` and
@@ -281,8 +319,7 @@ pub fn technique_name(t: Technique) -> &'static str {
 
 /// `cargo xtask stability [flags]`: runs, writes `stability.json` and `stability.png` under
 /// `--out`, and prints the table.
-pub fn main(args: &[String]) -> Result<()> {
-    let opts = StabilityOpts::parse(args)?;
+pub fn main(opts: &StabilityOpts) -> Result<()> {
     // rayon sizes its pool from RAYON_NUM_THREADS when the first parallel op runs. With the fused
     // kernels and the runs on one of rayon's workers (`in_pool`), two threads beat one on the
     // 2-core machine (40 steps of two techniques: 2.7 s against 3.6 s); before them, candle's
@@ -291,12 +328,12 @@ pub fn main(args: &[String]) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let start = Instant::now();
-    let exp = torchscale_kernels::runtime::in_pool(|| run(&opts))?;
+    let exp = torchscale_kernels::runtime::in_pool(|| run(opts))?;
     print!("{}", table(&exp));
     println!(
         "wrote {} and {} in {:.0} s",
-        opts.out.join("stability.json").display(),
-        opts.out.join("stability.png").display(),
+        shown(&opts.out.join("stability.json")),
+        shown(&opts.out.join("stability.png")),
         start.elapsed().as_secs_f64()
     );
     Ok(())
@@ -368,10 +405,14 @@ pub fn run(opts: &StabilityOpts) -> Result<Experiment> {
     };
     for (&t, bar) in opts.techniques.iter().zip(&bars) {
         let run = train_one(opts, t, &corpus, &valid, &thresholds, bar)?;
-        bar.finish_with_message(format!(
+        let done = format!(
             "{}: final loss {:.3}, max |g| {:.3}",
             run.summary.verdict, run.summary.final_loss, run.summary.max_grad_norm
-        ));
+        );
+        if bar.is_hidden() {
+            tracing::info!("{} {done} ({:.0} s)", technique_name(t), run.seconds);
+        }
+        bar.finish_with_message(done);
         exp.runs.push(run);
         // Written after every run so that an interrupted experiment leaves what it did.
         exp.write(&opts.out.join("stability.json"))?;
@@ -413,6 +454,7 @@ fn train_one(
     let mut steps = Vec::with_capacity(opts.steps);
     let mut valid_log = Vec::new();
     let mut stopped = None;
+    let log_every = (opts.steps / 10).max(1);
     for s in 0..opts.steps {
         let result = trainer.step(1, |ctx| {
             let (i, t) = corpus.train_batch(opts.batch, opts.seq_len, ctx.seed, &dev)?;
@@ -436,6 +478,20 @@ fn train_one(
         bar.inc(1);
         bar.set_message(format!("loss {:.3} |g| {:.3}", r.nll, r.grad_norm));
         let done = s + 1;
+        // Without bars (no terminal, --no-progress) a log line every tenth of the run instead.
+        if bar.is_hidden() && (done % log_every == 0 || done == opts.steps) {
+            let recent = &steps[steps.len().saturating_sub(log_every)..];
+            let mean = recent.iter().map(|s| s.loss).sum::<f64>() / recent.len() as f64;
+            tracing::info!(
+                "{} step {done}/{}: loss {mean:.3} (mean of {}), lr {:.2e}, |g| {:.3}, {:.0} s",
+                technique_name(technique),
+                opts.steps,
+                recent.len(),
+                r.lr,
+                r.grad_norm,
+                start.elapsed().as_secs_f64()
+            );
+        }
         if done % opts.valid_every == 0 && done < opts.steps {
             valid_log.push(ValidRecord {
                 step: trainer.num_updates(),

@@ -302,19 +302,23 @@ fn missing_interpreter_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("/nonexistent/bin/python"), "{err}");
+    // The command that makes the environment, for the folder the user named.
     assert!(
-        err.contains("setup.sh") && err.contains("--python"),
+        err.contains("`cargo xtask ref-setup --venv /nonexistent`") && err.contains("--python"),
         "{err}"
     );
+    assert!(err.contains("bash xtask/scripts/setup_ref.sh"), "{err}");
 
     let home = tmp("empty_home");
     std::fs::create_dir_all(&home).unwrap();
     let err = find_python(None, Some(&home)).unwrap_err().to_string();
+    // Shown under `~`, not as this machine's home folder.
     assert!(
-        err.contains(".cache/torchscale-ref-venv/bin/python"),
+        err.contains("no Python interpreter at ~/.cache/torchscale-ref-venv/bin/python"),
         "{err}"
     );
-    assert!(err.contains("setup.sh"), "{err}");
+    assert!(!err.contains(&home.display().to_string()), "{err}");
+    assert!(err.contains("`cargo xtask ref-setup`"), "{err}");
 
     // An interpreter that exists is accepted as given.
     let fake = home.join("python");

@@ -6,19 +6,18 @@ pub mod train;
 pub mod train_configs;
 pub mod train_report;
 
-use anyhow::{bail, Result};
+use clap::Subcommand;
 
-pub use moe::{print_table, run_moe, BenchOpts, Pass, Row};
+pub use moe::{print_table, run_moe, BenchOpts, MoeArgs, Pass, Row};
+pub use train::TrainArgs;
 
-const USAGE: &str = "usage: cargo xtask bench moe [flags] | cargo xtask bench train [flags]";
-
-/// `cargo xtask bench <what> [flags]`.
-pub fn main(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("moe") => moe::main(&args[1..]),
-        Some("train") => train::main(&args[1..]),
-        _ => bail!("{USAGE}"),
-    }
+/// `cargo xtask bench <what>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCmd {
+    /// X-MoE index dispatch against torchscale's dense one-hot dispatch
+    Moe(MoeArgs),
+    /// Whole training steps, optionally side by side with PyTorch torchscale
+    Train(TrainArgs),
 }
 
 /// The median (mean of the two middle values for an even count); 0 for an empty slice.

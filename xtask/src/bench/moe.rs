@@ -4,17 +4,63 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
 use candle_nn::Init;
+use clap::Parser;
 use torchscale_core::init::ParamStore;
 use torchscale_core::RouteOptions;
 use torchscale_moe::{MoeConfig, MoeLayer, MoeOutput};
 
 use super::median;
+use crate::cli::count;
 
-const USAGE: &str = "usage: cargo xtask bench moe [--quick] [--tokens N] [--width C] \
-[--ffn F] [--repeats N] [--experts E1,E2,...]";
+/// The command line of `cargo xtask bench moe`. `--quick` swaps in the smoke-test sizes; any
+/// other flag given overrides them.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "moe",
+    about = "X-MoE index dispatch against torchscale's dense one-hot dispatch, forward and \
+             forward+backward"
+)]
+pub struct MoeArgs {
+    /// Smoke-test sizes: 256 tokens, width 64, FFN 256, 2 repeats
+    #[arg(long)]
+    pub quick: bool,
+    /// Tokens per call [default: 2048]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub tokens: Option<usize>,
+    /// Model width [default: 512]
+    #[arg(long, value_name = "C", value_parser = count)]
+    pub width: Option<usize>,
+    /// Hidden width of each expert [default: 2048]
+    #[arg(long, value_name = "F", value_parser = count)]
+    pub ffn: Option<usize>,
+    /// Timed repeats per measurement, after one warm-up call; the median is reported [default: 3]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub repeats: Option<usize>,
+    /// Expert counts to try [default: 8,64]
+    #[arg(long, value_name = "E1,E2,..", value_delimiter = ',', value_parser = count)]
+    pub experts: Option<Vec<usize>>,
+}
+
+impl MoeArgs {
+    /// The sizes: the defaults (or `--quick`'s), then every flag given.
+    pub fn into_opts(self) -> Result<BenchOpts> {
+        let mut o = if self.quick {
+            BenchOpts::quick()
+        } else {
+            BenchOpts::default()
+        };
+        o.tokens = self.tokens.unwrap_or(o.tokens);
+        o.width = self.width.unwrap_or(o.width);
+        o.ffn = self.ffn.unwrap_or(o.ffn);
+        o.repeats = self.repeats.unwrap_or(o.repeats);
+        o.experts = self.experts.unwrap_or(o.experts);
+        ensure!(!o.experts.is_empty(), "--experts is empty");
+        Ok(o)
+    }
+}
 
 /// The sizes of one benchmark run.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,43 +102,10 @@ impl BenchOpts {
         }
     }
 
-    /// Parses the flags after `moe` (`--quick` resets the sizes; later flags override them).
+    /// Parses the flags after `moe` (see [`MoeArgs`]).
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-                    .cloned()
-            };
-            match a.as_str() {
-                "--quick" => o = Self::quick(),
-                "--tokens" => o.tokens = parse_count("--tokens", &value("--tokens")?)?,
-                "--width" => o.width = parse_count("--width", &value("--width")?)?,
-                "--ffn" => o.ffn = parse_count("--ffn", &value("--ffn")?)?,
-                "--repeats" => o.repeats = parse_count("--repeats", &value("--repeats")?)?,
-                "--experts" => {
-                    o.experts = value("--experts")?
-                        .split(',')
-                        .map(|s| parse_count("--experts", s))
-                        .collect::<Result<_>>()?
-                }
-                other => bail!("unknown flag `{other}`\n{USAGE}"),
-            }
-        }
-        ensure!(!o.experts.is_empty(), "--experts is empty");
-        Ok(o)
+        crate::cli::parse_flags::<MoeArgs>("moe", args)?.into_opts()
     }
-}
-
-fn parse_count(flag: &str, s: &str) -> Result<usize> {
-    let n: usize = s
-        .trim()
-        .parse()
-        .with_context(|| format!("{flag}: `{s}` is not a count"))?;
-    ensure!(n > 0, "{flag} must be positive");
-    Ok(n)
 }
 
 /// Forward only, or forward plus backward of `sum(output * w)`.
@@ -133,10 +146,9 @@ pub struct Row {
 }
 
 /// `cargo xtask bench moe [flags]`.
-pub fn main(args: &[String]) -> Result<()> {
-    let opts = BenchOpts::parse(args)?;
-    let rows = run_moe(&opts, true)?;
-    print_table(&opts, &rows);
+pub fn main(opts: &BenchOpts) -> Result<()> {
+    let rows = run_moe(opts, true)?;
+    print_table(opts, &rows);
     Ok(())
 }
 
@@ -209,7 +221,7 @@ pub fn run_moe(opts: &BenchOpts, verbose: bool) -> Result<Vec<Row>> {
                     capacity: idx.stats.capacity,
                 };
                 if verbose {
-                    eprintln!(
+                    tracing::info!(
                         "E={e:<3} top-{top_k} {:<8} index {index_s:.3}s  dense {dense_s:.3}s  \
                          (capacity {}, max|diff| {diff:.2e})",
                         pass.name(),

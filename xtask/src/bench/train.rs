@@ -10,12 +10,82 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
 
 use super::train_configs::{measure, Measurement, TrainConfig};
 use super::train_report::{load_average, machine, render, Report, Sample};
+use crate::cli::count;
+use crate::paths::shown;
 
-const USAGE: &str = "usage: cargo xtask bench train [--quick] [--configs a,b,c,d] [--rounds N] \
-[--steps N] [--warmup N] [--threads N] [--torch PYTHON] [--ref DIR] [--out FILE]";
+/// The command line of `cargo xtask bench train`. `--quick` swaps in the smoke test; any other
+/// flag given overrides it.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "train",
+    about = "Whole training steps (forward, backward, optimizer) of four configurations, tokens/s \
+             and peak memory, optionally side by side with PyTorch torchscale"
+)]
+pub struct TrainArgs {
+    /// Smoke test: the tiny configuration, one round, two timed steps, in this process
+    #[arg(long)]
+    pub quick: bool,
+    /// Configurations, in table order (a, b, c, d) [default: a,b,c,d]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = config_arg)]
+    pub configs: Option<Vec<TrainConfig>>,
+    /// Alternating rounds; each measures every configuration once per side [default: 3]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub rounds: Option<usize>,
+    /// Timed steps per measurement, median reported [default: 5]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub steps: Option<usize>,
+    /// Untimed steps first [default: 3]
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+    /// Compute threads on both sides [default: 2]
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub threads: Option<usize>,
+    /// Python of the reference environment (`cargo xtask ref-setup`): also measure PyTorch
+    #[arg(long, value_name = "PYTHON")]
+    pub torch: Option<PathBuf>,
+    /// Folder holding the reference's bench_torch.py [default: ../shared/ref]
+    #[arg(long = "ref", value_name = "DIR")]
+    pub ref_dir: Option<PathBuf>,
+    /// Where the JSON results go [default: target/bench-train/results.json]
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Measure in this process instead of one child process per measurement
+    #[arg(long)]
+    pub in_process: bool,
+    /// Internal: one measurement in this process, printed as JSON (what the parent runs)
+    #[arg(long, hide = true, num_args = 3, value_names = ["KEY", "STEPS", "WARMUP"])]
+    pub child: Option<Vec<String>>,
+}
+
+impl TrainArgs {
+    /// The options: the defaults (or `--quick`'s), then every flag given.
+    pub fn into_opts(self) -> Result<TrainBenchOpts> {
+        let mut o = if self.quick {
+            TrainBenchOpts::quick()
+        } else {
+            TrainBenchOpts::default()
+        };
+        o.configs = self.configs.unwrap_or(o.configs);
+        o.rounds = self.rounds.unwrap_or(o.rounds);
+        o.steps = self.steps.unwrap_or(o.steps);
+        o.warmup = self.warmup.unwrap_or(o.warmup);
+        o.threads = self.threads.unwrap_or(o.threads);
+        o.torch = self.torch.or(o.torch);
+        o.ref_dir = self.ref_dir.unwrap_or(o.ref_dir);
+        o.out = self.out.unwrap_or(o.out);
+        o.in_process |= self.in_process;
+        ensure!(!o.configs.is_empty(), "--configs is empty");
+        Ok(o)
+    }
+}
+
+fn config_arg(s: &str) -> Result<TrainConfig, String> {
+    TrainConfig::from_key(s).map_err(|e| e.to_string())
+}
 
 /// Options of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +100,7 @@ pub struct TrainBenchOpts {
     pub warmup: usize,
     /// Compute threads on both sides.
     pub threads: usize,
-    /// Python of the reference environment (`../shared/ref/setup.sh`).
+    /// Python of the reference environment (`cargo xtask ref-setup`).
     pub torch: Option<PathBuf>,
     /// Folder holding `bench_torch.py`.
     pub ref_dir: PathBuf,
@@ -70,51 +140,16 @@ impl TrainBenchOpts {
         }
     }
 
-    /// Parses the flags after `train` (`--quick` resets the others; later flags override it).
+    /// Parses the flags after `train` (see [`TrainArgs`]).
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = || {
-                it.next()
-                    .with_context(|| format!("{a} needs a value\n{USAGE}"))
-                    .cloned()
-            };
-            let count = |s: String| -> Result<usize> {
-                let n: usize = s
-                    .parse()
-                    .with_context(|| format!("{a}: `{s}` is not a count"))?;
-                ensure!(n > 0, "{a} must be positive");
-                Ok(n)
-            };
-            match a.as_str() {
-                "--quick" => o = Self::quick(),
-                "--configs" => {
-                    o.configs = value()?
-                        .split(',')
-                        .map(TrainConfig::from_key)
-                        .collect::<Result<_>>()?
-                }
-                "--rounds" => o.rounds = count(value()?)?,
-                "--steps" => o.steps = count(value()?)?,
-                "--warmup" => o.warmup = value()?.parse().context("--warmup")?,
-                "--threads" => o.threads = count(value()?)?,
-                "--torch" => o.torch = Some(PathBuf::from(value()?)),
-                "--ref" => o.ref_dir = PathBuf::from(value()?),
-                "--out" => o.out = PathBuf::from(value()?),
-                "--in-process" => o.in_process = true,
-                other => bail!("unknown flag `{other}`\n{USAGE}"),
-            }
-        }
-        ensure!(!o.configs.is_empty(), "--configs is empty");
-        Ok(o)
+        crate::cli::parse_flags::<TrainArgs>("train", args)?.into_opts()
     }
 }
 
 /// `cargo xtask bench train [flags]`, or `--child KEY STEPS WARMUP` (one measurement, JSON out).
-pub fn main(args: &[String]) -> Result<()> {
-    if args.first().map(String::as_str) == Some("--child") {
-        let [_, key, steps, warmup] = args else {
+pub fn main(args: TrainArgs) -> Result<()> {
+    if let Some(child) = &args.child {
+        let [key, steps, warmup] = child.as_slice() else {
             bail!("--child KEY STEPS WARMUP")
         };
         let cfg = TrainConfig::from_key(key)?;
@@ -124,7 +159,7 @@ pub fn main(args: &[String]) -> Result<()> {
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
     }
-    let opts = TrainBenchOpts::parse(args)?;
+    let opts = args.into_opts()?;
     let report = run(&opts, true)?;
     if let Some(dir) = opts.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -132,7 +167,7 @@ pub fn main(args: &[String]) -> Result<()> {
     std::fs::write(&opts.out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", opts.out.display()))?;
     println!("{}", render(&report));
-    eprintln!("results: {}", opts.out.display());
+    tracing::info!("results: {}", shown(&opts.out));
     Ok(())
 }
 
@@ -163,7 +198,7 @@ pub fn run(opts: &TrainBenchOpts, verbose: bool) -> Result<Report> {
                 rust_child(cfg, opts)?
             };
             if verbose {
-                eprintln!(
+                tracing::info!(
                     "round {round} {:<5} rust  step {:.3}s  (load {load:.2})",
                     cfg.key(),
                     m.train_step
@@ -179,7 +214,7 @@ pub fn run(opts: &TrainBenchOpts, verbose: bool) -> Result<Report> {
                 let load = load_average();
                 let m = torch_child(py, cfg, opts)?;
                 if verbose {
-                    eprintln!(
+                    tracing::info!(
                         "round {round} {:<5} torch step {:.3}s  (load {load:.2})",
                         cfg.key(),
                         m.train_step

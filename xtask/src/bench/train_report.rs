@@ -242,7 +242,7 @@ pub fn render(r: &Report) -> String {
     if !has_torch {
         let _ = writeln!(
             o,
-            "\n(no PyTorch side: pass --torch PYTHON, the reference venv of ../shared/ref/setup.sh)"
+            "\n(no PyTorch side: pass --torch PYTHON, the reference venv that `cargo xtask ref-setup` makes)"
         );
     }
     o

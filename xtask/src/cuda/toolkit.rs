@@ -44,6 +44,10 @@ impl Toolkit {
             return Ok(home);
         }
         std::fs::create_dir_all(&self.base)?;
+        tracing::info!(
+            "installing {TOOLKIT_PIN} into {} (pip, once)",
+            crate::paths::shown(&self.venv())
+        );
         run(Command::new("python3")
             .arg("-m")
             .arg("venv")

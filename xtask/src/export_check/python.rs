@@ -5,14 +5,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use super::setup::SETUP_SCRIPT_SHOWN;
 use super::SCRIPT;
 use crate::golden::Tolerance;
-
-/// Where `setup.sh` of the reference environment is, if the checkout has `../shared`.
-fn setup_script() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ref/setup.sh");
-    p.is_file().then(|| std::fs::canonicalize(&p).unwrap_or(p))
-}
+use crate::paths::{shown, shown_from};
 
 /// The default reference interpreter: `$HOME/.cache/torchscale-ref-venv/bin/python`.
 pub fn default_python(home: Option<&Path>) -> Option<PathBuf> {
@@ -20,7 +16,7 @@ pub fn default_python(home: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// The interpreter to use: `explicit` (`--python`), else the default under `home`; an error that
-/// says how to create the environment when it does not exist.
+/// says how to create the environment when it does not exist (paths under `home` shown as `~`).
 pub fn find_python(explicit: Option<&Path>, home: Option<&Path>) -> Result<PathBuf> {
     let (p, how) = match explicit {
         Some(p) => (Some(p.to_path_buf()), "given with --python"),
@@ -29,17 +25,22 @@ pub fn find_python(explicit: Option<&Path>, home: Option<&Path>) -> Result<PathB
     if let Some(p) = p.as_ref().filter(|p| p.is_file()) {
         return Ok(p.clone());
     }
-    let setup = match setup_script() {
-        Some(s) => format!("bash {}", s.display()),
-        None => "bash ../shared/ref/setup.sh (from the repository root)".to_string(),
-    };
-    let shown = p
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "$HOME/.cache/torchscale-ref-venv/bin/python ($HOME is unset)".into());
+    let cwd = std::env::current_dir().ok();
+    let show = |p: &Path| shown_from(p, cwd.as_deref(), home);
+    // A `--python DIR/bin/python` that is missing is most likely a venv still to be made there.
+    let venv = explicit
+        .filter(|p| p.ends_with("bin/python") || p.ends_with("bin/python3"))
+        .and_then(|p| p.parent()?.parent())
+        .map(|v| format!(" --venv {}", show(v)))
+        .unwrap_or_default();
+    let shown = p.as_deref().map(show).unwrap_or_else(|| {
+        "~/.cache/torchscale-ref-venv/bin/python ($HOME is unset; pass --python)".into()
+    });
     bail!(
-        "no Python interpreter at {shown} ({how}). Create the reference environment (torch, \
-         torchscale 0.3.0, safetensors) with `{setup}`, or pass --python PATH to an interpreter \
-         that has them"
+        "no Python interpreter at {shown} ({how}). Create the reference environment (CPU torch, \
+         torchscale 0.3.0, safetensors) with `cargo xtask ref-setup{venv}` (the same as `bash \
+         {SETUP_SCRIPT_SHOWN}{venv}` from the repository root), or pass --python PATH to an \
+         interpreter that has them"
     )
 }
 
@@ -54,13 +55,14 @@ pub fn run_python(python: &Path, works: &[PathBuf], tol: Tolerance) -> Result<St
         .arg(tol.rtol.to_string())
         .args(works)
         .output()
-        .with_context(|| format!("running {}", python.display()))?;
+        .with_context(|| format!("running {}", shown(python)))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !matches!(out.status.code(), Some(0) | Some(1)) {
         let stderr = String::from_utf8_lossy(&out.stderr);
         bail!(
-            "{} {SCRIPT} failed ({}):\n{stdout}{stderr}",
-            python.display(),
+            "{} {} failed ({}):\n{stdout}{stderr}",
+            shown(python),
+            shown(Path::new(SCRIPT)),
             out.status
         );
     }
