@@ -2,14 +2,35 @@
 //! encoder-decoder), prints a summary of each and runs a forward pass.
 //!
 //! `cargo run --release -p torchscale-models --example quickstart`
+//! (`-- --device cuda --dtype bf16` on a CUDA build).
 
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+#[path = "common/cli.rs"]
+mod cli;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use clap::Parser;
 use torchscale_core::init::ParamStore;
 use torchscale_models::{
     BuildOptions, Decoder, DecoderConfig, DecoderInputs, Encoder, EncoderConfig, EncoderDecoder,
     EncoderDecoderConfig, EncoderInputs,
 };
+
+/// Builds torchscale's quickstart Encoder, Decoder and EncoderDecoder, prints their parameters
+/// and runs a forward pass through each.
+#[derive(Debug, Parser)]
+#[command(name = "quickstart", version, max_term_width = 100)]
+struct Cli {
+    /// Vocabulary size of the three models (torchscale's README uses 64000)
+    #[arg(long, value_name = "N", default_value_t = 64000)]
+    vocab_size: i64,
+    /// Parameters' and activations' dtype
+    #[arg(long, value_enum, default_value_t = cli::DTypeArg::F32)]
+    dtype: cli::DTypeArg,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda)
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: cli::DeviceArg,
+}
 
 fn summary(name: &str, store: &ParamStore) {
     let vars = store.named_vars();
@@ -28,16 +49,23 @@ fn summary(name: &str, store: &ParamStore) {
 }
 
 fn main() -> Result<()> {
-    let dev = Device::Cpu;
+    let args = Cli::parse();
+    cli::init_tracing();
+    let dev = args
+        .device
+        .open()
+        .with_context(|| format!("--device {}", args.device))?;
+    let dtype = args.dtype.dtype();
+    let vocab = args.vocab_size;
     let tokens = Tensor::new(&[[0u32, 5, 9, 13, 2], [0, 7, 11, 2, 1]], &dev)?;
 
     // torchscale's README: `config = EncoderConfig(vocab_size=64000); model = Encoder(config)`.
-    let config = EncoderConfig::new().with_vocab_size(64000);
+    let config = EncoderConfig::new().with_vocab_size(vocab);
     let store = ParamStore::new(0);
     let encoder = Encoder::new(
         &config,
         &BuildOptions::default(),
-        store.var_builder(DType::F32, &dev),
+        store.var_builder(dtype, &dev),
     )?;
     summary(
         &format!("Encoder ({})", encoder.stabilizer().name()),
@@ -54,13 +82,13 @@ fn main() -> Result<()> {
     println!("encoder logits {:?}\n", out.encoder_out.dims());
 
     let config = DecoderConfig::new()
-        .with_vocab_size(64000)
+        .with_vocab_size(vocab)
         .with_deepnorm(true);
     let store = ParamStore::new(0);
     let decoder = Decoder::new(
         &config,
         &BuildOptions::default(),
-        store.var_builder(DType::F32, &dev),
+        store.var_builder(dtype, &dev),
     )?;
     summary(
         &format!("Decoder ({})", decoder.stabilizer().name()),
@@ -74,12 +102,12 @@ fn main() -> Result<()> {
             .dims()
     );
 
-    let config = EncoderDecoderConfig::new().with_vocab_size(64000);
+    let config = EncoderDecoderConfig::new().with_vocab_size(vocab);
     let store = ParamStore::new(0);
     let model = EncoderDecoder::new(
         &config,
         &BuildOptions::default(),
-        store.var_builder(DType::F32, &dev),
+        store.var_builder(dtype, &dev),
     )?;
     summary("EncoderDecoder", &store);
     let (_, dec) = model.forward(&tokens, Some(&mask), &tokens, false)?;

@@ -17,17 +17,24 @@
 
 // Items are `pub` because tests/translate_task.rs includes this file as a module.
 
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "common/report.rs"]
+mod report;
+
+use std::str::FromStr;
 use std::time::Instant;
 
 #[global_allocator]
 static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
-use indicatif::{ProgressBar, ProgressStyle};
-use rand::rngs::StdRng;
+use clap::{CommandFactory, Parser};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use torchscale_core::init::ParamStore;
 use torchscale_core::Result as CoreResult;
 use torchscale_models::data::{EOS, PAD};
@@ -36,6 +43,9 @@ use torchscale_models::train::{
     label_smoothed_cross_entropy, AdamWConfig, ClipMode, InverseSqrt, MicroBatch, Schedule,
     StepReport, Trainer, TrainerConfig,
 };
+
+use cli::{DTypeArg, DeviceArg, Output};
+use report::{Interval, Summary};
 use torchscale_models::{
     BuildOptions, DecoderInputs, EncoderDecoder, EncoderDecoderConfig, EncoderInputs,
     EncoderOutput, IncrementalState, Memory, Technique,
@@ -50,43 +60,68 @@ const DICT_SALT: u64 = 0xd1c7;
 const SPLIT_SALT: u64 = 0x5b17;
 const VALID_SALT: u64 = 0x7a11d;
 
-const USAGE: &str = "train_translate [options]
-  --stabilizer post-ln|pre-ln|deepnorm|subln|admin   residual scheme of both stacks (pre-ln)
-  --layers N           encoder and decoder layers (2)
-  --dim D              model width; 4 heads, FFN 2D (64)
-  --steps N            optimiser steps (400)
-  --batch N            sentences per step (48)
-  --lr X               peak learning rate, inverse-sqrt schedule (2e-3)
-  --warmup N           warm-up updates (100)
-  --label-smoothing X  epsilon of the smoothed loss (0.1)
-  --dropout X          dropout on embeddings and sublayer outputs (0)
-  --clip-norm X        global gradient-norm clip, 0 = off (1)
-  --words N            alphabet size, 2..=26 (16)
-  --min-len N          shortest sentence (3)
-  --max-len N          longest sentence (10)
-  --valid N            validation sentences (512)
-  --eval-every N       validate every N steps, 0 = only at the end (100)
-  --seed N             run seed: data, dictionary, split, init (1)";
-
-/// Command-line options.
-#[derive(Debug, Clone)]
+/// Trains an encoder-decoder on a synthetic translation task (reverse the sentence, translate
+/// each letter through a seeded dictionary) and reports validation loss and greedy decoding.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "train_translate", version, max_term_width = 100)]
 pub struct Args {
+    /// Residual scheme of both stacks: post-ln | pre-ln | deepnorm | subln | admin
+    #[arg(long, value_name = "NAME", default_value = "pre-ln", value_parser = Technique::from_str)]
     pub stabilizer: Technique,
+    /// Encoder and decoder layers
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub layers: usize,
+    /// Model width; 4 heads, FFN twice the width
+    #[arg(long, value_name = "D", default_value_t = 64)]
     pub dim: usize,
+    /// Optimiser steps
+    #[arg(long, value_name = "N", default_value_t = 400)]
     pub steps: u64,
+    /// Sentences per step
+    #[arg(long, value_name = "N", default_value_t = 48)]
     pub batch: usize,
+    /// Peak learning rate, inverse-sqrt schedule
+    #[arg(long, value_name = "X", default_value_t = 2e-3)]
     pub lr: f64,
+    /// Warm-up updates
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pub warmup: u64,
+    /// Epsilon of the smoothed loss
+    #[arg(long, value_name = "X", default_value_t = 0.1)]
     pub label_smoothing: f64,
+    /// Dropout on embeddings and sublayer outputs
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
     pub dropout: f64,
+    /// Global gradient-norm clip, 0 = off
+    #[arg(long, value_name = "X", default_value_t = 1.0)]
     pub clip_norm: f64,
+    /// Alphabet size, 2..=26
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub words: usize,
+    /// Shortest sentence
+    #[arg(long, value_name = "N", default_value_t = 3)]
     pub min_len: usize,
+    /// Longest sentence
+    #[arg(long, value_name = "N", default_value_t = 10)]
     pub max_len: usize,
+    /// Validation sentences
+    #[arg(long, value_name = "N", default_value_t = 512)]
     pub valid: usize,
+    /// Validate every N steps, 0 = only at the end
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pub eval_every: u64,
+    /// Print a log line every N steps when stdout is not a terminal
+    #[arg(long, value_name = "N", default_value_t = 25)]
+    pub log_every: u64,
+    /// Run seed: data, dictionary, split, init
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
+    /// Parameters' and activations' dtype (AdamW moments stay f32)
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda)
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 impl Default for Args {
@@ -107,44 +142,24 @@ impl Default for Args {
             max_len: 10,
             valid: 512,
             eval_every: 100,
+            log_every: 25,
             seed: 1,
+            dtype: DTypeArg::F32,
+            device: DeviceArg::Cpu,
         }
     }
 }
 
 impl Args {
-    fn parse() -> Result<Self> {
-        let mut a = Args::default();
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            if flag == "-h" || flag == "--help" {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-            let bad = || format!("bad value {value:?} for {flag}");
-            match flag.as_str() {
-                "--stabilizer" => a.stabilizer = parse_technique(&value)?,
-                "--layers" => a.layers = value.parse().with_context(bad)?,
-                "--dim" => a.dim = value.parse().with_context(bad)?,
-                "--steps" => a.steps = value.parse().with_context(bad)?,
-                "--batch" => a.batch = value.parse().with_context(bad)?,
-                "--lr" => a.lr = value.parse().with_context(bad)?,
-                "--warmup" => a.warmup = value.parse().with_context(bad)?,
-                "--label-smoothing" => a.label_smoothing = value.parse().with_context(bad)?,
-                "--dropout" => a.dropout = value.parse().with_context(bad)?,
-                "--clip-norm" => a.clip_norm = value.parse().with_context(bad)?,
-                "--words" => a.words = value.parse().with_context(bad)?,
-                "--min-len" => a.min_len = value.parse().with_context(bad)?,
-                "--max-len" => a.max_len = value.parse().with_context(bad)?,
-                "--valid" => a.valid = value.parse().with_context(bad)?,
-                "--eval-every" => a.eval_every = value.parse().with_context(bad)?,
-                "--seed" => a.seed = value.parse().with_context(bad)?,
-                _ => bail!("unknown option {flag}\n{USAGE}"),
-            }
+    /// The command line; usage errors (clap's and [`Args::check`]'s) exit with code 2.
+    fn from_command_line() -> Self {
+        let a = Args::parse();
+        if let Err(e) = a.check() {
+            Args::command()
+                .error(clap::error::ErrorKind::ValueValidation, e)
+                .exit();
         }
-        a.check()?;
-        Ok(a)
+        a
     }
 
     fn check(&self) -> Result<()> {
@@ -172,17 +187,6 @@ impl Args {
     }
 }
 
-fn parse_technique(s: &str) -> Result<Technique> {
-    Ok(match s {
-        "post-ln" => Technique::PostLn,
-        "pre-ln" => Technique::PreLn,
-        "deepnorm" => Technique::DeepNorm,
-        "subln" => Technique::SubLn,
-        "admin" => Technique::Admin,
-        _ => bail!("unknown stabilizer {s:?} (post-ln, pre-ln, deepnorm, subln, admin)"),
-    })
-}
-
 /// Which side of the seeded split a sentence is drawn from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -203,7 +207,7 @@ pub struct Task {
 impl Task {
     pub fn new(seed: u64, words: usize, min_len: usize, max_len: usize) -> Self {
         let mut dict: Vec<u32> = (0..words as u32).map(|i| FIRST_WORD + i).collect();
-        dict.shuffle(&mut StdRng::seed_from_u64(mix_seed(seed, DICT_SALT)));
+        dict.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed, DICT_SALT)));
         Self {
             dict,
             min_len,
@@ -238,7 +242,7 @@ impl Task {
     }
 
     /// A random source sentence of `split` (rejection sampling on the split hash).
-    pub fn sample(&self, rng: &mut StdRng, split: Split) -> Vec<u32> {
+    pub fn sample(&self, rng: &mut ChaCha8Rng, split: Split) -> Vec<u32> {
         loop {
             let len = rng.random_range(self.min_len..=self.max_len);
             let src: Vec<u32> = (0..len)
@@ -252,7 +256,7 @@ impl Task {
 
     /// `n` (source, target) pairs of `split` drawn from `seed`.
     pub fn pairs(&self, seed: u64, n: usize, split: Split) -> Vec<(Vec<u32>, Vec<u32>)> {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..n)
             .map(|_| {
                 let src = self.sample(&mut rng, split);
@@ -306,9 +310,19 @@ pub fn make_batch(pairs: &[(Vec<u32>, Vec<u32>)], dev: &Device) -> CoreResult<Ba
     })
 }
 
-/// The encoder-decoder of `args`: 4 heads, FFN twice the width, positions for the longest
-/// sentence plus EOS.
+/// The encoder-decoder of `args` on the CPU (see [`build_model_on`]).
 pub fn build_model(args: &Args, task: &Task, store: &ParamStore) -> Result<EncoderDecoder> {
+    build_model_on(args, task, store, &Device::Cpu)
+}
+
+/// The encoder-decoder of `args` on `dev`, in `args.dtype`: 4 heads, FFN twice the width,
+/// positions for the longest sentence plus EOS.
+pub fn build_model_on(
+    args: &Args,
+    task: &Task,
+    store: &ParamStore,
+    dev: &Device,
+) -> Result<EncoderDecoder> {
     let cfg = EncoderDecoderConfig::new()
         .with_embed_dim(args.dim)
         .with_heads(4)
@@ -318,7 +332,7 @@ pub fn build_model(args: &Args, task: &Task, store: &ParamStore) -> Result<Encod
         .with_max_positions(args.max_len + 2, args.max_len + 2)
         .with_dropout(args.dropout)
         .with_technique(args.stabilizer);
-    let vb = store.var_builder(DType::F32, &Device::Cpu);
+    let vb = store.var_builder(args.dtype.dtype(), dev);
     Ok(EncoderDecoder::new(&cfg, &BuildOptions::default(), vb)?)
 }
 
@@ -346,14 +360,19 @@ impl Eval {
     }
 }
 
+/// A scalar tensor of any float dtype as f64.
+fn scalar(t: &Tensor) -> CoreResult<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// Teacher-forced smoothed loss, NLL and argmax accuracy over the non-padding target tokens.
 fn evaluate(model: &EncoderDecoder, batches: &[Batch], eps: f64) -> Result<Eval> {
     let mut e = Eval::default();
     for b in batches {
         let (_, dec) = model.forward(&b.src, Some(&b.src_mask), &b.prev, false)?;
         let l = label_smoothed_cross_entropy(&dec.x, &b.target, eps, Some(PAD))?;
-        e.loss += f64::from(l.loss_sum.to_scalar::<f32>()?);
-        e.nll += f64::from(l.nll_sum.to_scalar::<f32>()?);
+        e.loss += scalar(&l.loss_sum)?;
+        e.nll += scalar(&l.nll_sum)?;
         e.tokens += l.ntokens;
         let hit = dec.x.argmax(D::Minus1)?.eq(&b.target)?;
         let real = b.target.ne(PAD)?;
@@ -445,8 +464,12 @@ fn print_smoothing_floors(eps: f64, vocab: usize, e: &Eval) {
     );
 }
 
-fn progress_bar(steps: u64) -> ProgressBar {
-    let pb = ProgressBar::new(steps);
+fn progress_bar(steps: u64, out: Output) -> ProgressBar {
+    let pb = if out.bar {
+        ProgressBar::new(steps)
+    } else {
+        ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden())
+    };
     pb.set_style(
         ProgressStyle::with_template(
             "{bar:30.cyan/blue} {pos:>5}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -495,33 +518,44 @@ fn make_trainer(args: &Args, store: &ParamStore, model: &EncoderDecoder) -> Resu
     )?)
 }
 
-/// The training loop: a fresh batch per step from the step's seed, progress on the bar and a
-/// validation line every `--eval-every` steps.
+/// The training loop: a fresh batch per step from the step's seed, progress on the bar (or a
+/// log line every `--log-every` steps when stdout is not a terminal) and a validation line every
+/// `--eval-every` steps. Returns the summary's training part.
 fn train(
     args: &Args,
     task: &Task,
     model: &EncoderDecoder,
     trainer: &mut Trainer,
     valid: &[Batch],
-) -> Result<()> {
-    let dev = Device::Cpu;
-    let pb = progress_bar(args.steps);
+    dev: &Device,
+) -> Result<Summary> {
+    let output = Output::detect();
+    let pb = progress_bar(args.steps, output);
+    let log_every = args.log_every.max(1);
+    let clock = Instant::now();
+    let (mut since_log, mut since_eval) = (Interval::default(), Interval::default());
+    let mut summary = Summary::default();
     let mut loss_ema = f64::NAN;
     for step in 1..=args.steps {
         let mut loss_sum = 0.0;
         let report = trainer.step(1, |ctx| {
             model.reseed(ctx.seed);
-            let b = make_batch(&task.pairs(ctx.seed, args.batch, Split::Train), &dev)?;
+            let b = make_batch(&task.pairs(ctx.seed, args.batch, Split::Train), dev)?;
             let (_, dec) = model.forward(&b.src, Some(&b.src_mask), &b.prev, true)?;
             let l =
                 label_smoothed_cross_entropy(&dec.x, &b.target, args.label_smoothing, Some(PAD))?;
-            loss_sum = f64::from(l.loss_sum.to_scalar::<f32>()?);
+            loss_sum = scalar(&l.loss_sum)?;
             Ok(MicroBatch {
-                nll_sum: f64::from(l.nll_sum.to_scalar::<f32>()?),
+                nll_sum: scalar(&l.nll_sum)?,
                 ntokens: l.ntokens,
                 loss_sum: l.loss_sum,
             })
         })?;
+        summary.steps += 1;
+        summary.tokens += report.ntokens;
+        summary.skipped += u64::from(report.skipped.is_some());
+        since_log.add(&report);
+        since_eval.add(&report);
         let loss = loss_sum / report.ntokens as f64;
         loss_ema = if loss_ema.is_nan() {
             loss
@@ -530,14 +564,32 @@ fn train(
         };
         pb.set_message(step_message(&report, loss_ema));
         pb.inc(1);
+        if output.lines && (step % log_every == 0 || step == args.steps) {
+            pb.suspend(|| {
+                println!(
+                    "{}",
+                    since_log.line(step, args.steps, report.lr, clock.elapsed())
+                )
+            });
+            since_log.reset();
+        }
         if args.eval_every > 0 && step % args.eval_every == 0 && step < args.steps {
             let e = evaluate(model, valid, args.label_smoothing)?;
-            // `suspend` prints even when the bar is hidden (output not a terminal).
-            pb.suspend(|| println!("step {step} train loss {loss_ema:.4} | {}", e.summary()));
+            let train = since_eval.mean_loss().unwrap_or(f64::NAN);
+            pb.suspend(|| {
+                println!(
+                    "step {step} train nll {train:.4} (mean of {} steps) | {}",
+                    since_eval.steps(),
+                    e.summary()
+                )
+            });
+            since_eval.reset();
         }
     }
-    pb.finish();
-    Ok(())
+    pb.finish_and_clear();
+    summary.wall = clock.elapsed();
+    summary.train_loss = since_eval.mean_loss().map(|l| (l, since_eval.steps()));
+    Ok(summary)
 }
 
 /// Greedy-decodes the validation set and prints the exact-match rate and a few samples.
@@ -572,35 +624,43 @@ fn report_decoding(
 }
 
 fn main() -> Result<()> {
+    // Usage errors exit with clap's code 2 and its message, before anything is set up.
+    let args = Args::from_command_line();
+    cli::init_tracing();
     torchscale_kernels::alloc::keep_freed_memory();
     torchscale_kernels::runtime::one_compute_pool();
     // The whole run on one of rayon's workers, so the kernels split their work cheaply.
-    torchscale_kernels::runtime::in_pool(run)
+    torchscale_kernels::runtime::in_pool(move || run(args))
 }
 
-fn run() -> Result<()> {
-    let args = Args::parse()?;
+fn run(args: Args) -> Result<()> {
+    let dev = match args.device.open() {
+        Ok(d) => d,
+        Err(e) => bail!("--device {}: {e}", args.device),
+    };
     let task = Task::new(args.seed, args.words, args.min_len, args.max_len);
     print_task(&task);
 
     let store = ParamStore::new(args.seed);
-    let model = build_model(&args, &task, &store)?;
+    let model = build_model_on(&args, &task, &store, &dev)?;
     let n_params: usize = store.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     println!(
-        "model: {}+{} layers, dim {}, {:?}, {} parameters, vocab {}; label smoothing {}",
+        "model: {}+{} layers, dim {}, {:?}, {} parameters, vocab {}, {} on {}; label smoothing {}",
         args.layers,
         args.layers,
         args.dim,
         args.stabilizer,
         n_params,
         task.vocab_size(),
+        args.dtype,
+        args.device,
         args.label_smoothing
     );
 
     let valid_pairs = task.pairs(mix_seed(args.seed, VALID_SALT), args.valid, Split::Valid);
     let valid: Vec<Batch> = valid_pairs
         .chunks(128)
-        .map(|c| make_batch(c, &Device::Cpu))
+        .map(|c| make_batch(c, &dev))
         .collect::<CoreResult<_>>()?;
     println!(
         "{} validation sentences; chance token accuracy {:.2}% (1 of {} words + EOS)",
@@ -612,17 +672,13 @@ fn run() -> Result<()> {
     println!("step 0 {}", e.summary());
 
     let mut trainer = make_trainer(&args, &store, &model)?;
-    let start = Instant::now();
-    train(&args, &task, &model, &mut trainer, &valid)?;
-    println!(
-        "trained {} steps in {:.1}s ({} skipped)",
-        args.steps,
-        start.elapsed().as_secs_f64(),
-        trainer.skipped()
-    );
+    let mut summary = train(&args, &task, &model, &mut trainer, &valid, &dev)?;
 
     let e = evaluate(&model, &valid, args.label_smoothing)?;
     println!("final {}", e.summary());
     print_smoothing_floors(args.label_smoothing, task.vocab_size(), &e);
-    report_decoding(&model, &args, &valid_pairs, &valid)
+    report_decoding(&model, &args, &valid_pairs, &valid)?;
+    summary.valid_loss = Some(e.nll / e.tokens as f64);
+    print!("{summary}");
+    Ok(())
 }

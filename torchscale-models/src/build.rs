@@ -107,6 +107,8 @@ pub fn decoder_spec(c: &DecoderConfig, opts: &BuildOptions) -> StackSpec {
 impl Encoder {
     /// Builds an encoder from a torchscale config (finalised and validated here) under `vb`.
     pub fn new(cfg: &EncoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
+        let _span =
+            tracing::debug_span!("build", model = "Encoder", layers = cfg.encoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
         let st = stabilizer(
             cfg.technique(),
@@ -121,6 +123,8 @@ impl Encoder {
 impl Decoder {
     /// Builds a decoder from a torchscale config (finalised and validated here) under `vb`.
     pub fn new(cfg: &DecoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
+        let _span =
+            tracing::debug_span!("build", model = "Decoder", layers = cfg.decoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
         let st = stabilizer(
             cfg.technique(),
@@ -135,6 +139,13 @@ impl Decoder {
 impl EncoderDecoder {
     /// Builds an encoder-decoder from a torchscale config (finalised and validated here).
     pub fn new(cfg: &EncoderDecoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
+        let _span = tracing::debug_span!(
+            "build",
+            model = "EncoderDecoder",
+            encoder_layers = cfg.encoder_layers,
+            decoder_layers = cfg.decoder_layers
+        )
+        .entered();
         let cfg = cfg.clone().finalize()?;
         let scale = cfg.admin_output_change_scale.clone();
         let enc_st = stabilizer(

@@ -33,6 +33,7 @@ pub fn save_atomic<F>(dir: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&Path) -> Result<()>,
 {
+    let _span = tracing::debug_span!("checkpoint_save", dir = %dir.display()).entered();
     let tmp = sibling(dir, &format!(".tmp-{}", std::process::id()))?;
     let old = sibling(dir, ".old")?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {

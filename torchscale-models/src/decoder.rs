@@ -243,6 +243,13 @@ impl Decoder {
         inp: &DecoderInputs,
         mut state: Option<&mut IncrementalState>,
     ) -> Result<DecoderOutput> {
+        let _span = tracing::trace_span!(
+            "forward",
+            model = "Decoder",
+            train = inp.train,
+            incremental = state.is_some()
+        )
+        .entered();
         let (b, slen) = tokens
             .dims2()
             .map_err(|_| Error::shape("prev_output_tokens", "[B, T]", tokens.dims()))?;

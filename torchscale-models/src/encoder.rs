@@ -168,6 +168,7 @@ impl Encoder {
 
     /// Encodes `src_tokens: [B, T]`.
     pub fn forward(&self, src_tokens: &Tensor, inp: &EncoderInputs) -> Result<EncoderOutput> {
+        let _span = tracing::trace_span!("forward", model = "Encoder", train = inp.train).entered();
         let (b, t) = src_tokens
             .dims2()
             .map_err(|_| Error::shape("src_tokens", "[B, T]", src_tokens.dims()))?;

@@ -48,6 +48,7 @@ impl EncoderDecoder {
         prev_output_tokens: &Tensor,
         train: bool,
     ) -> Result<(EncoderOutput, DecoderOutput)> {
+        let _span = tracing::trace_span!("forward", model = "EncoderDecoder", train).entered();
         let enc = self.encoder.forward(
             src_tokens,
             &EncoderInputs {

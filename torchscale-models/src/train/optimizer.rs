@@ -249,6 +249,7 @@ impl AdamW {
     /// CPU parameters when fused kernels are on (`torchscale_kernels::adamw`), with the composed
     /// candle update otherwise; both compute the same f32 operations in the same order.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let _span = tracing::debug_span!("optimizer_step", update = self.num_updates + 1).entered();
         let AdamWConfig {
             lr,
             beta1,

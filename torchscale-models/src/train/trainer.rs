@@ -205,6 +205,7 @@ impl Trainer {
             return Err(Error::config("update_freq", "must be at least 1"));
         }
         let step = self.step;
+        let _span = tracing::debug_span!("train_step", step, micro_batches).entered();
         let mut acc = GradAccumulator::new(self.params.iter().map(|(_, v)| v.clone()).collect());
         let (mut nll, mut ntokens, mut bad_loss) = (0f64, 0usize, None);
         for micro in 0..micro_batches {
@@ -219,7 +220,11 @@ impl Trainer {
             }
             nll += mb.nll_sum;
             ntokens += mb.ntokens;
-            acc.add(&mb.loss_sum.backward()?)?;
+            let grads = {
+                let _span = tracing::trace_span!("backward", micro).entered();
+                mb.loss_sum.backward()?
+            };
+            acc.add(&grads)?;
         }
         if ntokens == 0 {
             return Err(Error::invalid("micro-batches", "contain no target tokens"));
@@ -237,6 +242,7 @@ impl Trainer {
             skipped: bad_loss,
         };
         if report.skipped.is_none() {
+            let _span = tracing::trace_span!("clip").entered();
             let clip = self.clipper.clip(&mut grads, &self.dense, &self.expert)?;
             report.grad_norm = clip.total_norm;
             report.clip_coef = clip.coef;
@@ -249,6 +255,8 @@ impl Trainer {
         if !self.guard.record(report.skipped.as_ref())? {
             self.opt.set_lr(lr);
             self.opt.step(&grads)?;
+        } else {
+            tracing::warn!(step, reason = ?report.skipped, "update skipped");
         }
         Ok(report)
     }
