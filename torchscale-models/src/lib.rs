@@ -8,12 +8,16 @@
 //! Which stabiliser a stack uses follows torchscale's flags (`deepnorm`, `subln` — the default —,
 //! `*_normalize_before`), plus our `admin` extension; see [`config::Technique`].
 //!
-//! ```
-//! use candle_core::{DType, Device, Tensor};
-//! use torchscale_core::init::ParamStore;
-//! use torchscale_models::{BuildOptions, Decoder, DecoderConfig, DecoderInputs};
+//! **One dependency.** [`prelude`] brings the models, their configs and inputs, [`ParamStore`],
+//! the traits of `torchscale-core` and candle's everyday types in one `use`; the crate root
+//! re-exports [`Error`], [`Result`], candle ([`candle_core`], [`candle_nn`]) and the technique
+//! crates ([`torchscale_core`], [`torchscale_norm`], [`torchscale_admin`], [`torchscale_moe`],
+//! [`torchscale_clip`]), so that no second torchscale or candle dependency is needed.
 //!
-//! # fn main() -> torchscale_core::Result<()> {
+//! ```
+//! use torchscale_models::prelude::*;
+//!
+//! # fn main() -> torchscale_models::Result<()> {
 //! // A small Magneto (Sub-LN) decoder LM, the torchscale default technique.
 //! let config = DecoderConfig::new()
 //!     .with_vocab_size(100).with_embed_dim(32).with_heads(4).with_ffn_dim(64).with_layers(2);
@@ -52,3 +56,27 @@ pub use encoder_decoder::EncoderDecoder;
 pub use lm::LanguageModel;
 pub use pretrained::{convert_pt, ModelClass};
 pub use train::Trainer;
+
+// So that this crate is the only dependency a user needs.
+pub use candle_core;
+pub use candle_nn;
+pub use torchscale_admin;
+pub use torchscale_clip;
+pub use torchscale_core;
+pub use torchscale_core::init::ParamStore;
+pub use torchscale_core::{Error, Result};
+pub use torchscale_moe;
+pub use torchscale_norm;
+
+/// The models, their configs, inputs and outputs, [`ParamStore`], the traits of
+/// `torchscale-core` and candle's everyday types, for `use torchscale_models::prelude::*`
+/// ([`Error`] and [`Result`] stay at the crate root, so that the standard `Result` is not
+/// shadowed).
+pub mod prelude {
+    pub use crate::{
+        BuildOptions, ByteCorpus, Decoder, DecoderConfig, DecoderInputs, DecoderOutput, Encoder,
+        EncoderConfig, EncoderDecoder, EncoderDecoderConfig, EncoderInputs, EncoderOutput,
+        IncrementalState, LanguageModel, Memory, Technique, Trainer,
+    };
+    pub use torchscale_core::prelude::*;
+}

@@ -29,9 +29,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use torchscale_core::init::ParamStore;
+use rand::Rng;
+use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_core::{Error, Result};
 
 use crate::build::BuildOptions;
@@ -41,6 +40,9 @@ use crate::config::DecoderConfig;
 use crate::data::{BOS, PAD};
 use crate::decoder::{Decoder, DecoderInputs, IncrementalState};
 use crate::train::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, MicroBatch};
+
+/// The ChaCha stream of sampled tokens (see [`torchscale_core::init::seeded_rng`]).
+const SAMPLE_STREAM: u64 = 4;
 
 /// File names inside a checkpoint folder.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -211,7 +213,7 @@ impl LanguageModel {
             .unwrap_or(Device::Cpu);
         let mut ids: Vec<u32> = std::iter::once(BOS).chain(prompt.iter().copied()).collect();
         let max = self.cfg.max_target_positions;
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = seeded_rng(seed, SAMPLE_STREAM);
         let mut state = IncrementalState::new(true);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -304,7 +306,7 @@ impl LanguageModel {
 }
 
 /// Draws one id from `logits: [V]`.
-fn sample(logits: &Tensor, temperature: f64, top_k: usize, rng: &mut StdRng) -> Result<u32> {
+fn sample(logits: &Tensor, temperature: f64, top_k: usize, rng: &mut SeededRng) -> Result<u32> {
     let v: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
     if v.iter().any(|x| !x.is_finite()) {
         return Err(Error::NonFinite {
