@@ -8,26 +8,30 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
+use crate::init::seeded_rng;
 use crate::Result;
 
+/// The ChaCha stream of dropout masks, apart from parameter init (stream 0) under the same seed.
+const DROPOUT_STREAM: u64 = 1;
+
 thread_local! {
-    static MASK_RNG: RefCell<Option<StdRng>> = const { RefCell::new(None) };
+    static MASK_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
 }
 
 /// Seeds this thread's dropout generator: every later mask is a function of `seed` and the order
 /// of the dropout calls.
 pub fn seed_dropout(seed: u64) {
-    MASK_RNG.with(|r| *r.borrow_mut() = Some(StdRng::seed_from_u64(seed)));
+    MASK_RNG.with(|r| *r.borrow_mut() = Some(seeded_rng(seed, DROPOUT_STREAM)));
 }
 
 /// `n` uniforms in `[0, 1)` from this thread's generator.
 fn uniforms(n: usize) -> Vec<f32> {
     MASK_RNG.with(|r| {
         let mut r = r.borrow_mut();
-        let g = r.get_or_insert_with(StdRng::from_os_rng);
+        let g = r.get_or_insert_with(|| seeded_rng(rand::random(), DROPOUT_STREAM));
         (0..n).map(|_| g.random::<f32>()).collect()
     })
 }

@@ -21,9 +21,12 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use torchscale_core::init::seeded_rng;
 use torchscale_core::{Error, Result};
+
+/// The ChaCha stream of training-batch offsets (see [`torchscale_core::init::seeded_rng`]).
+const BATCH_STREAM: u64 = 3;
 
 /// `<s>`: the token generation starts from.
 pub const BOS: u32 = 0;
@@ -113,7 +116,7 @@ impl ByteCorpus {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let span = check_len("train", self.train.len(), seq_len)?;
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = seeded_rng(seed, BATCH_STREAM);
         let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..span)).collect();
         windows(&self.train, &starts, seq_len, device)
     }
@@ -217,6 +220,18 @@ mod tests {
             .all(|&i| (BYTE_OFFSET..BYTE_VOCAB as u32).contains(&i)));
         let v = c.valid_batches(2, 8, 100, &dev).unwrap();
         assert_eq!(v.len(), (c.valid_len() - 8).div_ceil(8) / 2);
+    }
+
+    /// The batch of (seed, step) is pinned: a resumed run and the README's numbers rely on it.
+    #[test]
+    fn batch_offsets_are_pinned() {
+        let text: String = (0..50).map(|i| format!("verse {i:02}\n")).collect();
+        let c = ByteCorpus::from_text(&text, 0.2).unwrap();
+        let (input, target) = c.train_batch(2, 4, 11, &Device::Cpu).unwrap();
+        let input = input.to_vec2::<u32>().unwrap();
+        // "\nver" and " 08\n" (byte + BYTE_OFFSET).
+        assert_eq!(input, [[14, 122, 105, 118], [36, 52, 60, 14]]);
+        assert_eq!(target.to_vec2::<u32>().unwrap()[0][..3], input[0][1..]);
     }
 
     #[test]

@@ -163,7 +163,9 @@ fn finite_difference_gradient_check_f64() {
             // Renormalise after dropping: the other top-2 branch.
             c.normalize_gate_prob_before_dropping = false;
         }
-        let store = ParamStore::new(21);
+        // Central differences are no gradient at ReLU's kink; under ChaCha init, seed 21 put a
+        // pre-activation of expert 1 within h of it (a 3e-6 disagreement), seed 22 does not.
+        let store = ParamStore::new(22);
         let layer = MoeLayer::new(c, 1.0, store.var_builder(DType::F64, &dev)).unwrap();
         let x = Var::from_tensor(&randn(4, (9, 6)).to_dtype(DType::F64).unwrap()).unwrap();
         let r = randn(5, (9, 6)).to_dtype(DType::F64).unwrap();

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use torchscale_core::init::{seeded_rng, SeededRng};
 use torchscale_core::router::ChoiceStatus;
 use torchscale_core::{Error, Result, RouteOptions, Router, Routing, RoutingStats};
 
@@ -74,6 +74,9 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+/// The ChaCha stream of second-expert draws (parameter init and dropout use streams 0 and 1).
+const ROUTER_STREAM: u64 = 2;
+
 /// torchscale's `Top1Gate` / `Top2Gate`: a [`Gate`] plus the gating rules of a [`MoeConfig`].
 ///
 /// Keys under its `VarBuilder` (the `gate` scope): `wg.weight`, or `wg_reduction.weight` + `wg`
@@ -82,7 +85,7 @@ fn fnv1a(s: &str) -> u64 {
 pub struct MoeRouter {
     gate: Gate,
     cfg: MoeConfig,
-    rng: Mutex<StdRng>,
+    rng: Mutex<SeededRng>,
 }
 
 impl MoeRouter {
@@ -94,7 +97,7 @@ impl MoeRouter {
         Ok(Self {
             gate: Gate::new(cfg, vb)?,
             cfg: cfg.clone(),
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            rng: Mutex::new(seeded_rng(seed, ROUTER_STREAM)),
         })
     }
 
@@ -111,7 +114,7 @@ impl MoeRouter {
     /// Reseeds the router's own generator.
     pub fn reseed(&self, seed: u64) {
         if let Ok(mut g) = self.rng.lock() {
-            *g = StdRng::seed_from_u64(seed);
+            *g = seeded_rng(seed, ROUTER_STREAM);
         }
     }
 
@@ -158,9 +161,9 @@ impl MoeRouter {
                 u.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
             }
             None => {
-                let draw = |g: &mut StdRng| (0..n).map(|_| g.random::<f64>()).collect();
+                let draw = |g: &mut SeededRng| (0..n).map(|_| g.random::<f64>()).collect();
                 match opts.seed {
-                    Some(seed) => draw(&mut StdRng::seed_from_u64(seed)),
+                    Some(seed) => draw(&mut seeded_rng(seed, ROUTER_STREAM)),
                     None => {
                         let mut g = self
                             .rng
