@@ -245,3 +245,81 @@ fn a_state_dict_that_does_not_fit_its_config_is_refused_and_nothing_written() {
     );
     assert!(!out.exists());
 }
+
+/// The Python converter (`scripts/convert_torchscale.py`) writes the same folders as
+/// `convert_pt`. It needs torch, which CI lacks: run with the reference interpreter,
+/// `cargo test -p torchscale-models --test pretrained_torch -- --ignored`
+/// (`TORCHSCALE_REF_PYTHON`, default `~/.cache/torchscale-ref-venv/bin/python`).
+#[test]
+#[ignore = "needs a Python with torch and safetensors (the reference interpreter)"]
+fn the_python_converter_writes_the_same_folders() {
+    let python = std::env::var_os("TORCHSCALE_REF_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/torchscale-ref-venv/bin/python"))
+        })
+        .filter(|p| p.is_file())
+        .expect("no reference interpreter: set TORCHSCALE_REF_PYTHON");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/convert_torchscale.py");
+    let cases = [
+        (
+            "decoder_xpos_tied",
+            "decoder_xpos_tied.pt",
+            ModelClass::Decoder,
+        ),
+        (
+            "decoder_xpos_tied",
+            "decoder_xpos_tied.bf16.pt",
+            ModelClass::Decoder,
+        ),
+        ("encoder_relpos", "encoder_relpos.pt", ModelClass::Encoder),
+        (
+            "encoder_decoder_shared",
+            "encoder_decoder_shared.pt",
+            ModelClass::EncoderDecoder,
+        ),
+    ];
+    for (case, pt, class) in cases {
+        let (tmp, ours) = convert(case, pt, class, None);
+        let theirs = tmp.path().join("python");
+        let status = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(fixture(pt))
+            .arg("--config")
+            .arg(fixture(&format!("{case}.config.json")))
+            .arg("--class")
+            .arg(class.name())
+            .arg("--out")
+            .arg(&theirs)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{pt}: {status}");
+        let (a, meta_a) = read_safetensors(&ours.join("model.safetensors")).unwrap();
+        let (b, meta_b) = read_safetensors(&theirs.join("model.safetensors")).unwrap();
+        assert_eq!(meta_a, meta_b, "{pt}");
+        let mut keys: Vec<&String> = a.keys().collect();
+        keys.sort();
+        let mut theirs_keys: Vec<&String> = b.keys().collect();
+        theirs_keys.sort();
+        assert_eq!(keys, theirs_keys, "{pt}");
+        for k in keys {
+            assert_eq!(a[k].dtype(), b[k].dtype(), "{pt} {k}");
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                a[k].flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                b[k].flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+            assert_eq!(x, y, "{pt} {k}");
+        }
+    }
+}
