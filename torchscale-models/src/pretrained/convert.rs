@@ -35,7 +35,6 @@ fn open_zip(path: &Path) -> Result<PtZip> {
     };
     let at_zero = zip::read::Config {
         archive_offset: zip::read::ArchiveOffset::Known(0),
-        ..Default::default()
     };
     match zip::ZipArchive::with_config(at_zero, open()?) {
         Ok(z) => Ok(z),
