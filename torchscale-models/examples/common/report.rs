@@ -77,14 +77,14 @@ impl Interval {
         self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    /// The fairseq-style line: `step 25/300 | loss 3.412 | ppl 30.33 | lr 1.000e-03 | 51234 tok/s
-    /// | gnorm 1.234 | clip 40% | skipped 0 | wall 4.2s`.
+    /// The fairseq-style line, `key value` fields: `step 25/300 | loss 3.412 | ppl 30.33 |
+    /// lr 1.000e-3 | tok/s 51234 | gnorm 1.234 | clip 40% | skipped 0 | wall 4.2s`.
     pub fn line(&self, step: u64, total: u64, lr: f64, wall: Duration) -> String {
         let loss = self.mean_loss();
         let gnorm = (self.grad_norms > 0).then(|| self.grad_norm_sum / self.grad_norms as f64);
         let steps = self.steps.max(1) as f64;
         format!(
-            "step {step}/{total} | loss {} | ppl {} | lr {lr:.3e} | {:.0} tok/s | gnorm {} | \
+            "step {step}/{total} | loss {} | ppl {} | lr {lr:.3e} | tok/s {:.0} | gnorm {} | \
              clip {:.0}% | skipped {} | wall {:.1}s",
             opt(loss, 3),
             opt(loss.map(f64::exp), 2),
