@@ -12,3 +12,9 @@ pub mod grad_case;
 pub mod parity;
 pub mod paths;
 pub mod stability;
+
+// README.md's Rust snippets, compiled and run as doctests (`cargo test -p xtask --doc`) so that
+// they cannot rot; xtask depends on every crate they use.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
