@@ -318,3 +318,8 @@ mod tests {
         assert!(as_residual(0).build(SPEC, vb.pp("n"), vb.pp("o")).is_err());
     }
 }
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

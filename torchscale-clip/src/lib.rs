@@ -87,3 +87,8 @@ fn report(total: f32, coef: Option<f32>) -> ClipReport {
         clipped: coef < 1.0,
     }
 }
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

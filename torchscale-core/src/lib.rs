@@ -64,3 +64,8 @@ pub use sublayer::{Ctx, Sublayer};
 
 pub use candle_core;
 pub use candle_nn;
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

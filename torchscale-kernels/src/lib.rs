@@ -55,3 +55,8 @@ pub use linear_act::{linear_gelu, linear_gelu_composed};
 pub use residual_norm::{residual_layer_norm, residual_layer_norm_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
 pub use switch::{fused_enabled, with_fused};
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

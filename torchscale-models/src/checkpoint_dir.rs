@@ -80,16 +80,16 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tsrs-ckdir-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d.join("ckpt")
+    /// `ckpt` (not yet created) inside an empty temporary folder that `TempDir` removes.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("ckpt");
+        (tmp, d)
     }
 
     #[test]
     fn replaces_the_folder() {
-        let dir = scratch("replace");
+        let (_tmp, dir) = scratch();
         save_atomic(&dir, |t| Ok(std::fs::write(t.join("a"), "1")?)).unwrap();
         save_atomic(&dir, |t| Ok(std::fs::write(t.join("a"), "2")?)).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "2");
@@ -98,7 +98,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_the_previous_checkpoint() {
-        let dir = scratch("fail");
+        let (_tmp, dir) = scratch();
         save_atomic(&dir, |t| Ok(std::fs::write(t.join("a"), "good")?)).unwrap();
         let r = save_atomic(&dir, |t| {
             std::fs::write(t.join("a"), "half")?;
@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn resolve_finds_the_old_folder_after_a_crash_between_renames() {
-        let dir = scratch("crash");
+        let (_tmp, dir) = scratch();
         let old = sibling(&dir, ".old").unwrap();
         std::fs::create_dir_all(&old).unwrap();
         assert_eq!(resolve(&dir).unwrap(), old);

@@ -109,8 +109,9 @@ fn saved_decoder(
 
 #[test]
 fn checkpoint_missing_misshaped_unexpected_corrupt() {
-    let dir = tempdir();
-    let (path, m, store) = saved_decoder(&dir);
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let (path, m, store) = saved_decoder(dir);
     let (mut tensors, _) = torchscale_models::checkpoint::read_safetensors(&path).unwrap();
     let buffers = m.buffers().unwrap();
 
@@ -162,8 +163,9 @@ fn checkpoint_missing_misshaped_unexpected_corrupt() {
 
 #[test]
 fn checkpoint_roundtrip_gives_same_outputs() {
-    let dir = tempdir();
-    let (path, m, _) = saved_decoder(&dir);
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let (path, m, _) = saved_decoder(dir);
     let ids = tokens(2, 5, 20);
     let want = m.forward(&ids, &DecoderInputs::default()).unwrap().x;
     let (store2, vb2) = store(99);
@@ -192,8 +194,9 @@ fn checkpoint_roundtrip_gives_same_outputs() {
 
 #[test]
 fn failed_write_leaves_previous_checkpoint_intact() {
-    let dir = tempdir();
-    let (path, _, _) = saved_decoder(&dir);
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let (path, _, _) = saved_decoder(dir);
     let before = std::fs::read(&path).unwrap();
     // A directory squats on the temporary file's name, so the write fails midway.
     let tmp = dir.join("blocker");
@@ -201,16 +204,4 @@ fn failed_write_leaves_previous_checkpoint_intact() {
     let err = torchscale_models::checkpoint::write_atomic(&tmp, &path, b"garbage").unwrap_err();
     assert!(matches!(err, Error::File { .. }));
     assert_eq!(std::fs::read(&path).unwrap(), before);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tsrs-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -14,7 +14,7 @@ use torchscale_models::train::{
 };
 
 fn corpus() -> ByteCorpus {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/kjv.txt");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kjv.txt");
     ByteCorpus::from_file(&path, 0.05).unwrap()
 }
 

@@ -78,3 +78,8 @@ pub mod prelude {
     pub use torchscale_core::prelude::*;
     pub use torchscale_core::{Routing, RoutingStats};
 }
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -20,7 +20,7 @@ struct Golden {
 
 fn load(case: &str) -> Golden {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/golden")
+        .join("testdata")
         .join(format!("{case}.safetensors"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

@@ -230,3 +230,8 @@ mod tests {
         Ok(())
     }
 }
+
+// The README's examples compile and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

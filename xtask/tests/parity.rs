@@ -51,15 +51,15 @@ fn every_golden_file_passes_strict() {
     }
 }
 
-/// Copies golden file `name` with tensor `key` scaled by `factor`, keeping the metadata.
-fn perturbed(name: &str, key: &str, factor: f64) -> PathBuf {
+/// Copies golden file `name` with tensor `key` scaled by `factor`, keeping the metadata, into a
+/// temporary folder (removed when the returned guard drops).
+fn perturbed(name: &str, key: &str, factor: f64) -> (tempfile::TempDir, PathBuf) {
     let src = golden_dir().join(format!("{name}.safetensors"));
     let (mut tensors, meta) = torchscale_models::checkpoint::read_safetensors(&src).unwrap();
     let w = tensors[key].clone();
     tensors.insert(key.into(), (w * factor).unwrap());
-    let dir = std::env::temp_dir().join(format!("tsrs-parity-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}-{key}.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join(format!("{name}.safetensors"));
     candle_core::safetensors::save(&tensors, &out).unwrap();
     // Re-attach the metadata (candle's save writes none).
     let bytes = std::fs::read(&out).unwrap();
@@ -67,11 +67,12 @@ fn perturbed(name: &str, key: &str, factor: f64) -> PathBuf {
     let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     let data = safetensors::serialize(views, Some(meta)).unwrap();
     std::fs::write(&out, data).unwrap();
-    out
+    (tmp, out)
 }
 
 fn assert_fails(name: &str, key: &str, factor: f64) {
-    let r = check_file(&perturbed(name, key, factor), TolMode::Strict);
+    let (_tmp, path) = perturbed(name, key, factor);
+    let r = check_file(&path, TolMode::Strict);
     assert_eq!(r.status, Status::Fail, "{}", r.line());
 }
 

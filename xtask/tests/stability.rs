@@ -133,8 +133,8 @@ fn flags_select_the_techniques() {
 /// every step and reads back equal.
 #[test]
 fn quick_run_writes_png_and_json() {
-    let out = std::env::temp_dir().join(format!("xtask-stability-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("stability");
     let mut opts = StabilityOpts::parse(&[
         "--quick".into(),
         "--techniques".into(),
@@ -184,7 +184,6 @@ fn quick_run_writes_png_and_json() {
         }
         assert_eq!(a.summary.verdict, b.summary.verdict);
     }
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 /// NaN survives the JSON round trip as null -> NaN.
@@ -244,12 +243,12 @@ fn json_round_trip_keeps_non_finite_values() {
             seconds: 0.5,
         }],
     };
-    let path = std::env::temp_dir().join(format!("xtask-stability-rt-{}.json", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("experiment.json");
     exp.write(&path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("null"));
     let back = Experiment::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
     let (a, b) = (&exp.runs[0], &back.runs[0]);
     assert_eq!(a.steps[0], b.steps[0]);
     assert!(b.steps[1].loss.is_nan() && b.steps[1].grad_norm.is_nan() && b.steps[1].skipped);

@@ -88,7 +88,7 @@ pub fn default_data() -> PathBuf {
     if local.exists() {
         local
     } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/kjv.txt")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kjv.txt")
     }
 }
 

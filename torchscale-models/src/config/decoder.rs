@@ -570,8 +570,8 @@ mod tests {
 
     #[test]
     fn from_json_file_names_the_path() {
-        let dir = std::env::temp_dir().join(format!("tsrs-dec-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let bad = dir.join("bad.json");
         std::fs::write(&bad, "{not json").unwrap();
         match DecoderConfig::from_json_file(&bad) {
@@ -584,6 +584,5 @@ mod tests {
             DecoderConfig::from_json_file(&good).unwrap(),
             small().finalize().unwrap()
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -573,8 +573,8 @@ mod tests {
 
     #[test]
     fn from_json_file_names_the_path() {
-        let dir = std::env::temp_dir().join(format!("tsrs-enc-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let bad = dir.join("bad.json");
         std::fs::write(&bad, "{not json").unwrap();
         match EncoderConfig::from_json_file(&bad) {
@@ -587,6 +587,5 @@ mod tests {
             EncoderConfig::from_json_file(&good).unwrap(),
             small().finalize().unwrap()
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

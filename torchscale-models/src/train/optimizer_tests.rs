@@ -140,17 +140,14 @@ fn state_roundtrip_resumes_exactly() {
     let a = Var::from_tensor(&init).unwrap();
     let mut opt_a = AdamW::new(vec![("w.weight".into(), a.clone())], cfg(1e-2, 0.01)).unwrap();
     opt_a.step(&grads(&[(&a, g1)])).unwrap();
-    let path = std::env::temp_dir().join(format!(
-        "torchscale-adamw-{}.safetensors",
-        std::process::id()
-    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("adamw.safetensors");
     opt_a.save(&path).unwrap();
 
     // A fresh optimizer on a copy of the parameters, with the saved state.
     let b = Var::from_tensor(&a.as_tensor().copy().unwrap()).unwrap();
     let mut opt_b = AdamW::new(vec![("w.weight".into(), b.clone())], cfg(1e-2, 0.01)).unwrap();
     opt_b.load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
     assert_eq!(opt_b.num_updates(), 1);
     // Without the state the next step differs (bias correction restarts), so the check can fail.
     let c = Var::from_tensor(&a.as_tensor().copy().unwrap()).unwrap();
