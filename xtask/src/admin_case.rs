@@ -12,7 +12,7 @@ use torchscale_core::attention::{
 };
 use torchscale_core::ffn::{FeedForward, FfnConfig};
 use torchscale_core::layer_norm::LayerNorm;
-use torchscale_core::{Multiway, Residual};
+use torchscale_core::Multiway;
 use torchscale_models::config::EncoderConfig;
 
 use crate::golden::GoldenFile;
