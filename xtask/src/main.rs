@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the workflows of torchscale-rs (`cargo xtask --help` lists them).
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::error::ErrorKind;
@@ -45,35 +46,52 @@ enum Cmd {
     Cuda(CudaCmd),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     torchscale_kernels::alloc::keep_freed_memory();
     torchscale_kernels::runtime::one_compute_pool();
-    match cli.command {
-        Cmd::Parity(args) => {
-            if !xtask::parity::main(&args)? {
-                std::process::exit(1);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            // As clap words its errors; the backtrace only when asked for.
+            eprintln!("error: {e:#}");
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("\n{}", e.backtrace());
             }
-            Ok(())
+            ExitCode::FAILURE
         }
-        Cmd::ExportCheck(args) => xtask::export_check::main(&Options::from(args)),
-        Cmd::RefSetup(args) => xtask::export_check::setup::main(&args),
+    }
+}
+
+/// Runs the command; a failed check (parity) is exit status 1 without an error message.
+fn run(command: Cmd) -> Result<ExitCode> {
+    match command {
+        Cmd::Parity(args) => {
+            return Ok(if xtask::parity::main(&args)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::ExportCheck(args) => xtask::export_check::main(&Options::from(args))?,
+        Cmd::RefSetup(args) => xtask::export_check::setup::main(&args)?,
         Cmd::Stability(args) => {
             let opts = usage(&["stability"], StabilityArgs::into_opts(args));
-            xtask::stability::main(&opts)
+            xtask::stability::main(&opts)?
         }
         Cmd::Bench(BenchCmd::Moe(args)) => {
             let opts = usage(&["bench", "moe"], MoeArgs::into_opts(args));
-            xtask::bench::moe::main(&opts)
+            xtask::bench::moe::main(&opts)?
         }
         Cmd::Bench(BenchCmd::Train(args)) => {
             // Validate here so that a bad combination is a usage error (exit 2), as in clap.
             usage(&["bench", "train"], TrainArgs::into_opts(args.clone()));
-            xtask::bench::train::main(args)
+            xtask::bench::train::main(args)?
         }
-        Cmd::Cuda(cmd) => xtask::cuda::main(cmd),
+        Cmd::Cuda(cmd) => xtask::cuda::main(cmd)?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Logs on stderr (stdout carries the results), filtered by RUST_LOG, colored on a terminal only.

@@ -10,22 +10,35 @@ pub fn workspace_root() -> PathBuf {
         .map_or_else(|| here.to_path_buf(), Path::to_path_buf)
 }
 
-/// `path` for display: relative to `cwd` when below it, `~/…` when below `home`, else unchanged.
+/// `path` for display: relative to `cwd` or as `~/…` under `home`, whichever of the two holds it
+/// more closely (a venv in `~/.cache` reads better as `~/…` than as `../../.cache/…`); else
+/// unchanged.
 pub fn shown_from(path: &Path, cwd: Option<&Path>, home: Option<&Path>) -> String {
-    // `a/b/../c` would defeat the prefix test; resolve it when the path exists.
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    if let Some(rel) = cwd.and_then(|c| path.strip_prefix(canon(c)).ok()) {
-        return if rel.as_os_str().is_empty() {
-            ".".into()
-        } else {
-            rel.display().to_string()
-        };
+    // `a/b/../c` would defeat the prefix test; resolve it when the path exists.
+    let path = canon(path);
+    let cwd = cwd.map(canon);
+    let home = home.map(canon);
+    let depth = |base: &Option<PathBuf>| {
+        base.as_ref()
+            .filter(|b| path.starts_with(b))
+            .map(|b| b.components().count())
+    };
+    match (depth(&cwd), depth(&home)) {
+        (Some(c), h) if h.is_none_or(|h| c >= h) => {
+            let rel = path.strip_prefix(cwd.as_deref().unwrap()).unwrap_or(&path);
+            if rel.as_os_str().is_empty() {
+                ".".into()
+            } else {
+                rel.display().to_string()
+            }
+        }
+        (_, Some(_)) => {
+            let rel = path.strip_prefix(home.as_deref().unwrap()).unwrap_or(&path);
+            Path::new("~").join(rel).display().to_string()
+        }
+        _ => path.display().to_string(),
     }
-    if let Some(rel) = home.and_then(|h| path.strip_prefix(canon(h)).ok()) {
-        return Path::new("~").join(rel).display().to_string();
-    }
-    path.display().to_string()
 }
 
 /// [`shown_from`] with the process's current folder and `$HOME`.
@@ -48,5 +61,10 @@ mod tests {
         assert_eq!(s("/home/u/.cache/v/bin/python"), "~/.cache/v/bin/python");
         assert_eq!(s("/opt/python"), "/opt/python");
         assert_eq!(s("rel/path"), "rel/path");
+        // The closer of the two wins.
+        let inner_home = Path::new("/w/repo/target/home");
+        let s = |p: &str| shown_from(Path::new(p), Some(cwd), Some(inner_home));
+        assert_eq!(s("/w/repo/target/home/.cache/x"), "~/.cache/x");
+        assert_eq!(s("/w/repo/src"), "src");
     }
 }

@@ -84,7 +84,7 @@ pub struct StabilityArgs {
     #[arg(long, value_name = "S", value_parser = count)]
     pub steps: Option<usize>,
     /// Peak learning rate [default: 3e-3]
-    #[arg(long, value_name = "X", value_parser = non_negative)]
+    #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Warm-up updates of the inverse square root schedule [default: 20]
     #[arg(long, value_name = "W")]
@@ -96,7 +96,7 @@ pub struct StabilityArgs {
     #[arg(long, value_name = "T", value_parser = count)]
     pub seq: Option<usize>,
     /// Global-norm clipping threshold, 0 = off [default: 0]
-    #[arg(long, value_name = "C", value_parser = non_negative)]
+    #[arg(long, value_name = "C", value_parser = non_negative, allow_negative_numbers = true)]
     pub clip: Option<f64>,
     /// Techniques to run, in order: post-ln, pre-ln, deepnorm, subln, admin [default: all five]
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = technique_arg)]

@@ -207,7 +207,10 @@ fn bad_values_are_usage_errors_naming_the_flag() {
             &["stability", "--steps=abc"],
             "'--steps <S>': `abc` is not a count",
         ),
-        (&["stability", "--lr", "-1"], "--lr"),
+        (
+            &["stability", "--lr", "-1"],
+            "'--lr <X>': must be a finite number >= 0",
+        ),
         (
             &["stability", "--techniques=post-ln,batchnorm"],
             "unknown technique `batchnorm`",
