@@ -410,7 +410,7 @@ pub fn run(opts: &StabilityOpts) -> Result<Experiment> {
             run.summary.verdict, run.summary.final_loss, run.summary.max_grad_norm
         );
         if bar.is_hidden() {
-            tracing::info!("{} {done} ({:.0} s)", technique_name(t), run.seconds);
+            tracing::info!("{} {done} ({:.1} s)", technique_name(t), run.seconds);
         }
         bar.finish_with_message(done);
         exp.runs.push(run);
@@ -483,7 +483,7 @@ fn train_one(
             let recent = &steps[steps.len().saturating_sub(log_every)..];
             let mean = recent.iter().map(|s| s.loss).sum::<f64>() / recent.len() as f64;
             tracing::info!(
-                "{} step {done}/{}: loss {mean:.3} (mean of {}), lr {:.2e}, |g| {:.3}, {:.0} s",
+                "{} step {done}/{}: loss {mean:.3} (mean of {}), lr {:.2e}, |g| {:.3}, {:.1} s",
                 technique_name(technique),
                 opts.steps,
                 recent.len(),
