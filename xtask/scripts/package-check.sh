@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Packages every publishable crate and runs `cargo test` inside each unpacked package, as a user
+# of the published crate would: only the files `cargo package` ships are there (no ../testdata,
+# no ../data), and the other torchscale crates come from their packages too (patched in for the
+# crates.io versions that do not exist yet).
+#
+# Usage: xtask/scripts/package-check.sh [crate...]   (default: all seven; extra args to cargo test
+# after `--`). Builds go to target/package-check, shared between runs.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+
+crates=(torchscale-kernels torchscale-core torchscale-norm torchscale-admin torchscale-moe
+    torchscale-clip torchscale-models)
+only=()
+test_args=()
+while (($#)); do
+    if [[ $1 == -- ]]; then
+        shift
+        test_args=("$@")
+        break
+    fi
+    only+=("$1")
+    shift
+done
+((${#only[@]})) || only=("${crates[@]}")
+
+# A clean checkout packages as is; a working tree with edits needs --allow-dirty.
+dirty=()
+[[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] || dirty=(--allow-dirty)
+echo "== cargo package --workspace --exclude xtask"
+cargo package --workspace --exclude xtask --no-verify "${dirty[@]}" --quiet
+
+# Outside the repository, so cargo does not take the packages for workspace members.
+work="$(mktemp -d "${TMPDIR:-/tmp}/torchscale-package-check.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' torchscale-core/Cargo.toml | head -n1)"
+patches=()
+for c in "${crates[@]}"; do
+    tar -xzf "target/package/$c-$version.crate" -C "$work"
+    patches+=(--config "patch.crates-io.$c.path='$work/$c-$version'")
+done
+
+# The workspace's profile (dependencies optimised in test builds), which packages do not carry.
+profile=(--config 'profile.dev.package."*".opt-level=3' --config 'profile.dev.debug=1')
+export CARGO_TARGET_DIR="$root/target/package-check"
+for c in "${only[@]}"; do
+    echo "== cargo test in the unpacked $c-$version"
+    start=$SECONDS
+    # (cargo warns about the patches a crate's graph does not use: harmless.)
+    (cd "$work/$c-$version" && cargo test "${patches[@]}" "${profile[@]}" --quiet \
+        -- "${test_args[@]}")
+    echo "   $c: $((SECONDS - start)) s"
+done
