@@ -114,8 +114,20 @@ impl LanguageModel {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_dtype(cfg, learned_positions, seed, device, DType::F32)
+    }
+
+    /// As [`LanguageModel::with_options`] with the parameters' dtype explicit: f16 / bf16
+    /// parameters make f16 / bf16 activations (the fused kernels and AdamW's moments stay f32).
+    pub fn with_dtype(
+        cfg: DecoderConfig,
+        learned_positions: bool,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let store = ParamStore::new(seed);
-        let vb = store.var_builder(DType::F32, device);
+        let vb = store.var_builder(dtype, device);
         let opts = BuildOptions {
             learned_positions: Some(learned_positions),
         };
