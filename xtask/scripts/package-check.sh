@@ -5,7 +5,7 @@
 # crates.io versions that do not exist yet).
 #
 # Usage: xtask/scripts/package-check.sh [crate...]   (default: all seven; extra args to cargo test
-# after `--`). Builds go to target/package-check, shared between runs.
+# after `--`). Builds share the workspace's target folder (or $CARGO_TARGET_DIR).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -35,20 +35,26 @@ cargo package --workspace --exclude xtask --no-verify "${dirty[@]}" --quiet
 work="$(mktemp -d "${TMPDIR:-/tmp}/torchscale-package-check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' torchscale-core/Cargo.toml | head -n1)"
-patches=()
-for c in "${crates[@]}"; do
-    tar -xzf "target/package/$c-$version.crate" -C "$work"
-    patches+=(--config "patch.crates-io.$c.path='$work/$c-$version'")
-done
+# The patches and the workspace's test profile (dependencies optimised), in a config file above
+# the packages, so cargo runs that the tests start themselves (building an example) see them too.
+mkdir -p "$work/.cargo"
+{
+    echo "[patch.crates-io]"
+    for c in "${crates[@]}"; do
+        tar -xzf "target/package/$c-$version.crate" -C "$work"
+        echo "$c = { path = \"$work/$c-$version\" }"
+    done
+    printf '[profile.dev]\ndebug = 1\n[profile.dev.package."*"]\nopt-level = 3\n'
+    printf '[profile.dev.package.torchscale-kernels]\nopt-level = 3\n'
+} >"$work/.cargo/config.toml"
 
-# The workspace's profile (dependencies optimised in test builds), which packages do not carry.
-profile=(--config 'profile.dev.package."*".opt-level=3' --config 'profile.dev.debug=1')
-export CARGO_TARGET_DIR="$root/target/package-check"
+# The workspace's target folder: candle and the other registry crates, built with the same
+# profile and features, are reused rather than built again.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 for c in "${only[@]}"; do
     echo "== cargo test in the unpacked $c-$version"
     start=$SECONDS
     # (cargo warns about the patches a crate's graph does not use: harmless.)
-    (cd "$work/$c-$version" && cargo test "${patches[@]}" "${profile[@]}" --quiet \
-        -- "${test_args[@]}")
+    (cd "$work/$c-$version" && cargo test --quiet -- "${test_args[@]}")
     echo "   $c: $((SECONDS - start)) s"
 done
