@@ -8,10 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use torchscale_core::init::ParamStore;
+use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_models::config::{DecoderConfig, EncoderConfig};
 use torchscale_models::lm::{LanguageModel, LossConfig};
 use torchscale_models::train::{AdamW, AdamWConfig};
@@ -146,7 +145,7 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn random_ids(rng: &mut StdRng, b: usize, t: usize, vocab: usize) -> Result<Tensor> {
+fn random_ids(rng: &mut SeededRng, b: usize, t: usize, vocab: usize) -> Result<Tensor> {
     let v: Vec<u32> = (0..b * t)
         .map(|_| rng.random_range(4..vocab as u32))
         .collect();
@@ -165,7 +164,7 @@ struct Parts {
 
 /// Builds `config`, runs `warmup` untimed steps, then times `steps` steps (medians reported).
 pub fn measure(config: TrainConfig, warmup: usize, steps: usize) -> Result<Measurement> {
-    let mut rng = StdRng::seed_from_u64(0);
+    let mut rng = seeded_rng(0, 0);
     let mut parts = Parts::default();
     let tokens;
     if let Some((cfg, b, t)) = config.decoder() {
