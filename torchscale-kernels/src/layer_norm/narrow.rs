@@ -379,7 +379,9 @@ unsafe fn bwd_rows_n<const NC: usize>(
                     rs,
                 );
                 if let Some(dx) = dx {
-                    let inner = _mm512_fnmadd_ps(xh, mgx, _mm512_fmadd_ps(gv, wv[c], mg));
+                    // g w rounded as in its mean (see `bwd_kernel`), then the mean subtracted.
+                    let gw = _mm512_add_ps(_mm512_mul_ps(gv, wv[c]), mg);
+                    let inner = _mm512_fnmadd_ps(xh, mgx, gw);
                     _mm512_mask_storeu_ps(dx.add(at(r, c)), m, _mm512_mul_ps(rs, inner));
                 }
                 if dwb.is_some() {

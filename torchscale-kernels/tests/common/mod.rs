@@ -4,26 +4,18 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use torchscale_kernels::with_fused;
 
-/// A seeded pseudo-random `[dims]` tensor of `dtype`, values in about N(0, scale^2).
+/// A seeded pseudo-random `[dims]` tensor of `dtype`, values in about N(0, scale^2) (ChaCha8 and
+/// `rand_distr`: tests must not depend on candle's unseeded generator).
 pub fn randn(seed: u64, dims: &[usize], scale: f32, dtype: DType) -> Tensor {
-    // A small LCG + Box-Muller: tests must not depend on candle's unseeded generator.
     let n: usize = dims.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut uniform = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (uniform(), uniform());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * scale
-        })
+        .map(|_| rng.sample::<f32, _>(StandardNormal) * scale)
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu)
         .unwrap()
