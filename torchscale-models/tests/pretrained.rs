@@ -439,3 +439,35 @@ fn folder_errors_name_the_path() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn an_moe_lm_checkpoint_loads_with_its_experts_and_gate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("moe");
+    let cfg = lm_config().with_moe(1, 4);
+    let lm = LanguageModel::with_dtype(cfg, true, 5, &Device::Cpu, DType::F32).unwrap();
+    let names: Vec<String> = lm.store.named_vars().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.iter().any(|n| n.contains("experts.3.")) && names.iter().any(|n| n.contains("gate")),
+        "the test model has no experts or gate: {names:?}"
+    );
+    lm.save(&dir, None).unwrap();
+    let want = logits(&lm.model);
+    assert_eq!(logits(&load_decoder(&dir).unwrap()), want);
+    let back = LanguageModel::from_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(logits(&back.model), want);
+    assert_eq!(back.num_parameters(), lm.num_parameters());
+    // An expert missing from the file is an error that names it.
+    let gone = names
+        .iter()
+        .find(|n| n.contains("experts.3."))
+        .unwrap()
+        .clone();
+    edit_weights(&dir, |t| {
+        t.remove(&gone);
+    });
+    match LanguageModel::from_pretrained(&dir, &Device::Cpu, DType::F32) {
+        Err(Error::MissingTensor { key }) => assert!(gone.ends_with(&key), "{key} vs {gone}"),
+        other => panic!("expected MissingTensor for {gone}, got {other:?}"),
+    }
+}
