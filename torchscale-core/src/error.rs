@@ -78,6 +78,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A collective operation failed, or another rank of the run did.
+    #[error("collective `{op}` failed on rank {rank}: {reason}")]
+    Collective {
+        /// The operation (`all_reduce_sum`, `all_to_all`, ...).
+        op: String,
+        /// The rank that reports it.
+        rank: usize,
+        /// What went wrong (which rank failed, a mismatch, a timeout...).
+        reason: String,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

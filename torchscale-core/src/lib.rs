@@ -41,6 +41,7 @@
 pub mod activation;
 pub mod attention;
 pub mod clip;
+pub mod collective;
 pub mod dropout;
 pub mod embedding;
 pub mod error;
@@ -56,6 +57,7 @@ pub mod sublayer;
 
 pub use activation::Activation;
 pub use clip::{ClipReport, GradClipper};
+pub use collective::Collective;
 pub use error::{Error, Result};
 pub use multiway::{Branch, Multiway};
 pub use residual::{NormSpec, ParamRole, Residual, Site, Stabilizer, StackKind};
