@@ -12,7 +12,7 @@ use torchscale_core::{
 
 use crate::config::MoeConfig;
 use crate::dispatch::{dense_combine, dense_dispatch_mask, DispatchPlan};
-use crate::parallel::{local_experts, ExpertComm};
+use crate::parallel::{local_experts, CollectiveComm, ExpertComm};
 use crate::router::{Gate, MoeRouter};
 
 /// What one MoE call returns.
@@ -73,6 +73,21 @@ impl MoeLayer {
         cfg.validate()?;
         let local = local_experts(cfg.num_experts, comm.world_size(), comm.rank())?;
         Self::build(cfg, expert_gain, vb, local, Some(comm))
+    }
+
+    /// [`MoeLayer::new_parallel`] on any [`torchscale_core::Collective`] (MPI, NCCL, an
+    /// in-process group) through [`CollectiveComm`]: the all-to-all copies bytes between ranks
+    /// and is differentiable, so every rank must also run `backward()` on a loss that depends on
+    /// the layer's output. The gate is replicated (its gradient is dense: all-reduce it with the
+    /// other dense gradients); the experts in [`MoeLayer::expert_parameters`] are this rank's
+    /// own (their gradients already hold every rank's tokens: do not all-reduce them).
+    pub fn new_expert_parallel(
+        cfg: MoeConfig,
+        expert_gain: f64,
+        vb: VarBuilder,
+        comm: Arc<dyn torchscale_core::Collective>,
+    ) -> Result<Self> {
+        Self::new_parallel(cfg, expert_gain, vb, Arc::new(CollectiveComm::new(comm)))
     }
 
     fn build(
@@ -244,7 +259,10 @@ impl MoeLayer {
             .collect::<Result<Vec<_>>>()?;
         let back = Tensor::cat(&comm.all_to_all(send)?, 0)?;
         if plan.num_kept() == 0 {
-            return Ok(x.zeros_like()?);
+            // Still a function of `back` (a sum over no rows: exactly 0), so that this rank's
+            // backward runs the reverse exchange with the others.
+            let none = back.narrow(0, 0, 0)?.sum_keepdim(0)?;
+            return Ok(x.zeros_like()?.broadcast_add(&none)?);
         }
         let rows = Tensor::from_vec(plan.buffer_rows(), plan.num_kept(), x.device())?;
         plan.combine(&back.index_select(&rows, 0)?, &routing.gate)

@@ -10,7 +10,8 @@
 //!   weights and balance loss in the graph.
 //! - [`MoeLayer`]: `gate.*` + `experts.{j}.*`, [`MoeLayer::forward`] on `[S, C]` rows and
 //!   [`MoeLayer::forward_ctx`] / [`torchscale_core::Sublayer`] on `[B, T, C]`.
-//! - [`parallel`]: the expert-parallelism seam ([`ExpertComm`]).
+//! - [`parallel`]: the expert-parallelism seam ([`ExpertComm`]; [`CollectiveComm`] runs it on
+//!   any [`torchscale_core::Collective`] with [`all_to_all::all_to_all_rows`], differentiable).
 //!
 //! **One dependency.** This crate re-exports what its API takes and returns ([`RouteOptions`],
 //! [`Routing`], [`RoutingStats`], [`Router`], [`Sublayer`]/[`Ctx`], [`Activation`],
@@ -40,6 +41,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod all_to_all;
 pub mod balance_loss;
 pub mod capacity;
 pub mod config;
@@ -53,7 +55,7 @@ pub mod router;
 pub use config::{MoeConfig, SecondExpertPolicy};
 pub use dispatch::DispatchPlan;
 pub use layer::{MoeLayer, MoeOutput};
-pub use parallel::{ExpertComm, InProcessGroup, SingleProcess};
+pub use parallel::{CollectiveComm, ExpertComm, InProcessGroup, SingleProcess};
 pub use router::{Gate, MoeRouter, XMoeGate};
 pub use torchscale_core::router::ChoiceStatus;
 

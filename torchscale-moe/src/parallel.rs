@@ -2,14 +2,19 @@
 //! buffers are exchanged with one all-to-all before the experts and one after (torchscale's
 //! `_AllToAll` on the expert group).
 //!
-//! [`SingleProcess`] is the one-rank case (torchscale needs `torch.distributed` even there);
-//! [`InProcessGroup`] runs `W` ranks as threads of one process (for tests and experiments). A real
-//! backend (NCCL, MPI) implements [`ExpertComm`] outside this crate.
+//! [`CollectiveComm`] runs the exchange on any [`Collective`] (MPI, NCCL, the in-process
+//! `LocalGroup`) as a differentiable op ([`crate::all_to_all::all_to_all_rows`]): this is the
+//! one to use in a distributed run. [`SingleProcess`] is the one-rank case (torchscale needs
+//! `torch.distributed` even there); [`InProcessGroup`] is an older test double that runs `W`
+//! ranks as threads and hands the tensors themselves over, so that one autograd graph spans the
+//! ranks.
 
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::Tensor;
-use torchscale_core::{Error, Result};
+use torchscale_core::{Collective, Error, Result};
+
+use crate::all_to_all::all_to_all_rows;
 
 /// A collective over the ranks that share one MoE layer's experts.
 pub trait ExpertComm: Send + Sync {
@@ -43,6 +48,58 @@ impl ExpertComm for SingleProcess {
             ));
         }
         Ok(chunks)
+    }
+}
+
+/// Any [`Collective`] as the MoE layer's communicator: the all-to-all goes through the engine
+/// and stays differentiable (its backward is the reverse all-to-all of the gradients, through
+/// the same collective).
+#[derive(Debug, Clone)]
+pub struct CollectiveComm {
+    comm: Arc<dyn Collective>,
+}
+
+impl CollectiveComm {
+    /// Wraps a communicator whose ranks share one MoE layer's experts.
+    pub fn new(comm: Arc<dyn Collective>) -> Self {
+        Self { comm }
+    }
+
+    /// The wrapped communicator.
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.comm
+    }
+}
+
+impl ExpertComm for CollectiveComm {
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn all_to_all(&self, chunks: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let rows = chunks
+            .iter()
+            .map(|t| Ok(t.dim(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        if chunks.is_empty() {
+            return Err(Error::invalid(
+                "chunks",
+                "all_to_all needs one chunk per rank",
+            ));
+        }
+        // One op on the concatenated buffer: one exchange forward, one backward.
+        let (recv, recv_rows) = all_to_all_rows(&self.comm, &Tensor::cat(&chunks, 0)?, &rows)?;
+        let mut start = 0;
+        recv_rows
+            .iter()
+            .map(|&n| {
+                let t = recv.narrow(0, start, n)?;
+                start += n;
+                Ok(t)
+            })
+            .collect()
     }
 }
 
