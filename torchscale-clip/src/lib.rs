@@ -10,6 +10,11 @@
 //! `coef = min(1, max_norm / (total + 1e-6))`, do nothing when `max_norm <= 0`, skip parameters
 //! that have no gradient, and read and scale only the listed parameters' gradients.
 //!
+//! **Experts over several ranks.** [`ExpertParallel`] wraps either clipper for expert-parallel
+//! runs (each rank holds its own experts' gradients): the experts' part of the squared norm is
+//! summed over the ranks of a [`torchscale_core::Collective`], so every rank clips with the norm
+//! of one process holding every gradient.
+//!
 //! **Expert gradients under SparseClip.** torchscale 0.3.0 divides a *copy* of each expert
 //! gradient and clips that copy, so the real expert gradients are never scaled. That is evidently
 //! not the intent, so [`SparseClip::new`] scales expert gradients by the coefficient like the
@@ -54,10 +59,12 @@
 //! ```
 #![warn(missing_docs)]
 
+mod expert_parallel;
 mod global_norm;
 mod norm;
 mod sparse_clip;
 
+pub use expert_parallel::ExpertParallel;
 pub use global_norm::GlobalNorm;
 pub use sparse_clip::{ExpertGrads, SparseClip};
 pub use torchscale_core::{ClipReport, GradClipper};
@@ -72,7 +79,7 @@ pub use torchscale_core::{Error, Result};
 /// `use torchscale_clip::prelude::*` ([`Error`] and [`Result`] stay at the crate root, so that
 /// the standard `Result` is not shadowed).
 pub mod prelude {
-    pub use crate::{ExpertGrads, GlobalNorm, SparseClip};
+    pub use crate::{ExpertGrads, ExpertParallel, GlobalNorm, SparseClip};
     pub use candle_core::backprop::GradStore;
     pub use candle_core::Var;
     pub use torchscale_core::prelude::*;

@@ -47,6 +47,12 @@ pub(crate) fn norm_of(norms: &Tensor) -> Result<f32> {
     Ok(norms.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
 }
 
+/// The squared L2 norm of a rank-1 f32 tensor of norms, as f32 on the host (what expert-parallel
+/// clipping sums over ranks).
+pub(crate) fn sq_norm_of(norms: &Tensor) -> Result<f32> {
+    Ok(norms.sqr()?.sum_all()?.to_scalar::<f32>()?)
+}
+
 /// `min(1, max_norm / (total + 1e-6))`, computed in f32 as torch does; `None` when clipping is
 /// off (`max_norm <= 0` or NaN) or the norm is not finite.
 pub(crate) fn clip_coef(max_norm: f64, total: f32) -> Option<f32> {
