@@ -121,6 +121,39 @@ impl ByteCorpus {
         windows(&self.train, &starts, seq_len, device)
     }
 
+    /// Rank `rank`'s part of the global batch of [`ByteCorpus::train_batch`]`(batch, seq_len,
+    /// seed)`: its rows `batch * rank / world .. batch * (rank + 1) / world`, so that `world`
+    /// data-parallel ranks drawing with the same (seed, step) together see exactly the batch one
+    /// process sees, each its own disjoint rows.
+    pub fn train_batch_part(
+        &self,
+        batch: usize,
+        seq_len: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        if world == 0 || rank >= world {
+            return Err(Error::config(
+                "rank",
+                format!("rank {rank} is not in a world of {world}"),
+            ));
+        }
+        if batch < world {
+            return Err(Error::config(
+                "batch",
+                format!("a global batch of {batch} rows leaves ranks of {world} without data"),
+            ));
+        }
+        let span = check_len("train", self.train.len(), seq_len)?;
+        let mut rng = seeded_rng(seed, BATCH_STREAM);
+        // Every rank draws the whole batch's offsets (cheap) and keeps its rows.
+        let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..span)).collect();
+        let part = &starts[batch * rank / world..batch * (rank + 1) / world];
+        windows(&self.train, part, seq_len, device)
+    }
+
     /// Consecutive non-overlapping validation windows, `batch` per tensor pair, at most
     /// `max_batches` pairs (all of the validation text when it fits).
     pub fn valid_batches(
@@ -232,6 +265,33 @@ mod tests {
         // "\nver" and " 08\n" (byte + BYTE_OFFSET).
         assert_eq!(input, [[14, 122, 105, 118], [36, 52, 60, 14]]);
         assert_eq!(target.to_vec2::<u32>().unwrap()[0][..3], input[0][1..]);
+    }
+
+    #[test]
+    fn rank_parts_tile_the_global_batch() {
+        let text: String = (0..50).map(|i| format!("verse {i:02}\n")).collect();
+        let c = ByteCorpus::from_text(&text, 0.2).unwrap();
+        let dev = Device::Cpu;
+        let (whole, whole_t) = c.train_batch(5, 6, 9, &dev).unwrap();
+        for world in 1..=5 {
+            let parts: Vec<_> = (0..world)
+                .map(|r| c.train_batch_part(5, 6, 9, r, world, &dev).unwrap())
+                .collect();
+            let rows: Vec<usize> = parts.iter().map(|p| p.0.dims()[0]).collect();
+            assert_eq!(rows.iter().sum::<usize>(), 5, "world {world}: {rows:?}");
+            let input = Tensor::cat(&parts.iter().map(|p| &p.0).collect::<Vec<_>>(), 0).unwrap();
+            let target = Tensor::cat(&parts.iter().map(|p| &p.1).collect::<Vec<_>>(), 0).unwrap();
+            assert_eq!(
+                input.to_vec2::<u32>().unwrap(),
+                whole.to_vec2::<u32>().unwrap()
+            );
+            assert_eq!(
+                target.to_vec2::<u32>().unwrap(),
+                whole_t.to_vec2::<u32>().unwrap()
+            );
+        }
+        assert!(c.train_batch_part(5, 6, 9, 2, 2, &dev).is_err());
+        assert!(c.train_batch_part(1, 6, 9, 0, 2, &dev).is_err());
     }
 
     #[test]

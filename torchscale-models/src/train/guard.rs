@@ -24,6 +24,11 @@ pub enum SkipReason {
         /// The parameter's name.
         name: String,
     },
+    /// Data parallel: another rank found a non-finite loss or gradient (ranks skip together).
+    OtherRank {
+        /// The first rank that did.
+        rank: usize,
+    },
 }
 
 impl fmt::Display for SkipReason {
@@ -32,6 +37,9 @@ impl fmt::Display for SkipReason {
             SkipReason::Loss { value } => write!(f, "non-finite loss ({value})"),
             SkipReason::GradNorm { value } => write!(f, "non-finite gradient norm ({value})"),
             SkipReason::Grad { name } => write!(f, "non-finite gradient of `{name}`"),
+            SkipReason::OtherRank { rank } => {
+                write!(f, "non-finite loss or gradient on rank {rank}")
+            }
         }
     }
 }

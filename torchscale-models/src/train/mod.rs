@@ -31,15 +31,19 @@
 //! ```
 
 mod accumulate;
+mod data_parallel;
 mod guard;
 mod loss;
 mod optimizer;
 mod schedule;
 mod trainer;
+mod zero;
 
 pub use accumulate::GradAccumulator;
+pub use data_parallel::{bucket_plan, DEFAULT_BUCKET_BYTES};
 pub use guard::{check_grad_norm, check_grads, check_loss, check_step, SkipReason, StepGuard};
 pub use loss::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, SmoothedLoss};
 pub use optimizer::{default_decay, AdamW, AdamWConfig};
 pub use schedule::{InverseSqrt, LrSchedule, PolynomialDecay, Schedule};
 pub use trainer::{ClipMode, MicroBatch, StepCtx, StepReport, Trainer, TrainerConfig};
+pub use zero::ZeroAdamW;

@@ -158,10 +158,10 @@ pub struct AdamW {
     num_updates: u64,
 }
 
-const EXP_AVG: &str = "exp_avg.";
-const EXP_AVG_SQ: &str = "exp_avg_sq.";
-const STEP: &str = "step.";
-const NUM_UPDATES: &str = "num_updates";
+pub(super) const EXP_AVG: &str = "exp_avg.";
+pub(super) const EXP_AVG_SQ: &str = "exp_avg_sq.";
+pub(super) const STEP: &str = "step.";
+pub(super) const NUM_UPDATES: &str = "num_updates";
 
 impl AdamW {
     /// An optimizer over named parameters, grouped by [`default_decay`].

@@ -1,16 +1,21 @@
 //! One optimisation step, assembled from the training pieces: micro-batches with gradient
-//! accumulation, clipping (global-norm or SparseClip), the NaN/inf guard, the schedule and AdamW.
+//! accumulation, clipping (global-norm or SparseClip), the NaN/inf guard, the schedule and AdamW;
+//! optionally data parallel over a [`Collective`] (bucketed all-reduce, ZeRO-1).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use torchscale_clip::{GlobalNorm, SparseClip};
+use torchscale_core::collective::SingleProcess;
 use torchscale_core::init::ParamStore;
-use torchscale_core::{Error, GradClipper, Result};
+use torchscale_core::{Collective, Error, GradClipper, Result};
 
+use super::data_parallel::{DataParallel, DEFAULT_BUCKET_BYTES};
 use super::{
     check_grad_norm, check_grads, check_loss, AdamW, AdamWConfig, GradAccumulator, LrSchedule,
-    Schedule, SkipReason, StepGuard,
+    Schedule, SkipReason, StepGuard, ZeroAdamW,
 };
 use crate::randomness::mix_seed;
 
@@ -69,8 +74,14 @@ pub struct StepCtx {
     pub step: u64,
     /// Index of the micro-batch inside the step.
     pub micro: usize,
-    /// Seed for this micro-batch's randomness (data sampling, dropout, MoE draws).
+    /// Seed for this micro-batch's randomness (data sampling, dropout, MoE draws); the same on
+    /// every rank, so that ranks can cut one global batch (see
+    /// [`crate::data::ByteCorpus::train_batch_part`]).
     pub seed: u64,
+    /// This process's rank in the data-parallel group (0 without one).
+    pub rank: usize,
+    /// Ranks in the data-parallel group (1 without one).
+    pub world_size: usize,
 }
 
 /// What one [`Trainer::step`] did.
@@ -97,16 +108,80 @@ pub struct StepReport {
 /// Step `s` is a pure function of the parameters, the optimiser state and `(seed, s)`: the
 /// closure gets the step's seed to sample its data and reseed the model, so a run resumed from
 /// [`Trainer::state`] reproduces the uninterrupted run's losses exactly.
+///
+/// With [`Trainer::with_collective`] it trains data parallel: each rank runs its part of every
+/// micro-batch, the gradient sums are all-reduced in flat buckets and divided by the global token
+/// count, clipping sees the global norm and the skip decision is taken once for all ranks.
 pub struct Trainer {
     params: Vec<(String, Var)>,
     dense: Vec<Var>,
     expert: Vec<Var>,
-    opt: AdamW,
+    opt: Optim,
+    adam: AdamWConfig,
     schedule: Schedule,
     clipper: Box<dyn GradClipper>,
     guard: StepGuard,
     cfg: TrainerConfig,
     step: u64,
+    comm: Arc<dyn Collective>,
+    bucket_bytes: usize,
+    local: HashSet<TensorId>,
+    zero1: bool,
+    dp: Option<DataParallel>,
+}
+
+/// The optimizer: plain AdamW, or its moments sharded over the ranks (ZeRO-1).
+#[derive(Debug)]
+enum Optim {
+    Plain(AdamW),
+    Zero(ZeroAdamW),
+}
+
+impl Optim {
+    fn num_updates(&self) -> u64 {
+        match self {
+            Optim::Plain(o) => o.num_updates(),
+            Optim::Zero(o) => o.num_updates(),
+        }
+    }
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Optim::Plain(o) => o.set_lr(lr),
+            Optim::Zero(o) => o.set_lr(lr),
+        }
+    }
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Optim::Plain(o) => o.step(grads),
+            Optim::Zero(o) => o.step(grads),
+        }
+    }
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Optim::Plain(o) => o.state(),
+            Optim::Zero(o) => o.state(),
+        }
+    }
+    fn load_state(&mut self, s: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Optim::Plain(o) => o.load_state(s),
+            Optim::Zero(o) => o.load_state(s),
+        }
+    }
+}
+
+fn make_clipper(mode: ClipMode, world: usize) -> Result<Box<dyn GradClipper>> {
+    Ok(match mode {
+        ClipMode::GlobalNorm(m) => Box::new(GlobalNorm::new(m)),
+        ClipMode::SparseClip {
+            max_norm,
+            num_experts,
+        } => {
+            let c = SparseClip::new(max_norm, num_experts, world);
+            c.expert_denominator()?;
+            Box::new(c)
+        }
+    })
 }
 
 impl std::fmt::Debug for Trainer {
@@ -150,28 +225,132 @@ impl Trainer {
                 ),
             ));
         }
-        let clipper: Box<dyn GradClipper> = match cfg.clip {
-            ClipMode::GlobalNorm(m) => Box::new(GlobalNorm::new(m)),
-            ClipMode::SparseClip {
-                max_norm,
-                num_experts,
-            } => {
-                let c = SparseClip::new(max_norm, num_experts, 1);
-                c.expert_denominator()?;
-                Box::new(c)
-            }
-        };
         Ok(Self {
-            opt: AdamW::new(params.clone(), opt)?,
+            opt: Optim::Plain(AdamW::new(params.clone(), opt)?),
+            adam: opt,
+            clipper: make_clipper(cfg.clip, 1)?,
             params,
             dense,
             expert,
             schedule,
-            clipper,
             guard: StepGuard::new(cfg.max_consecutive_skips),
             cfg,
             step: 0,
+            comm: Arc::new(SingleProcess),
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            local: HashSet::new(),
+            zero1: false,
+            dp: None,
         })
+    }
+
+    /// Trains data parallel over `comm` (every rank builds the same trainer and calls
+    /// [`Trainer::step`] together). A group of one rank changes nothing. Set before the first
+    /// step.
+    pub fn with_collective(mut self, comm: Arc<dyn Collective>) -> Result<Self> {
+        self.comm = comm;
+        self.reconfigure()?;
+        Ok(self)
+    }
+
+    /// Gradient bucket size in bytes of f32 (default [`DEFAULT_BUCKET_BYTES`], 25 MiB as in
+    /// PyTorch's DDP): one all-reduce per bucket.
+    pub fn with_bucket_bytes(mut self, bytes: usize) -> Result<Self> {
+        if bytes == 0 {
+            return Err(Error::config("bucket_bytes", "must be at least 1"));
+        }
+        self.bucket_bytes = bytes;
+        self.reconfigure()?;
+        Ok(self)
+    }
+
+    /// ZeRO stage 1: the AdamW moments sharded over the ranks of the collective (see
+    /// [`ZeroAdamW`]). Set before the first step.
+    pub fn with_zero1(mut self) -> Result<Self> {
+        self.zero1 = true;
+        self.reconfigure()?;
+        Ok(self)
+    }
+
+    /// Parameters whose gradients are NOT all-reduced (expert-parallel experts: each rank holds
+    /// its own): their squared norm is summed over ranks for clipping. Matched by tensor
+    /// identity.
+    pub fn with_local_params(mut self, params: &[Tensor]) -> Result<Self> {
+        let ids: HashSet<_> = params.iter().map(|t| t.id()).collect();
+        let known = self
+            .params
+            .iter()
+            .filter(|(_, v)| ids.contains(&v.as_tensor().id()))
+            .count();
+        if known != ids.len() {
+            return Err(Error::invalid(
+                "local_params",
+                format!(
+                    "{} tensors given, {known} of them are variables of the store",
+                    ids.len()
+                ),
+            ));
+        }
+        self.local = ids;
+        self.reconfigure()?;
+        Ok(self)
+    }
+
+    /// Rebuilds what depends on the collective and the options; only before the first step.
+    fn reconfigure(&mut self) -> Result<()> {
+        if self.step > 0 || self.opt.num_updates() > 0 {
+            return Err(Error::invalid(
+                "Trainer",
+                "data-parallel options are set before the first step",
+            ));
+        }
+        let world = self.comm.world_size();
+        if self.zero1 && !self.local.is_empty() {
+            return Err(Error::config(
+                "zero1",
+                "ZeRO-1 with parameters that are not all-reduced is not supported",
+            ));
+        }
+        self.clipper = make_clipper(self.cfg.clip, world)?;
+        self.dp = (world > 1).then(|| DataParallel {
+            comm: self.comm.clone(),
+            bucket_bytes: self.bucket_bytes,
+            local: self.local.clone(),
+        });
+        let mut opt = if self.zero1 {
+            Optim::Zero(ZeroAdamW::new(
+                self.params.clone(),
+                self.adam,
+                self.comm.clone(),
+            )?)
+        } else {
+            Optim::Plain(AdamW::new(self.params.clone(), self.adam)?)
+        };
+        opt.set_lr(self.opt_lr());
+        self.opt = opt;
+        Ok(())
+    }
+
+    fn opt_lr(&self) -> f64 {
+        match &self.opt {
+            Optim::Plain(o) => o.lr(),
+            Optim::Zero(o) => o.config().lr,
+        }
+    }
+
+    /// This process's rank (0 without a collective).
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Ranks training together (1 without a collective).
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Whether this is rank 0, the one that writes checkpoints and logs.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
     }
 
     /// Steps taken so far (skipped ones included): the index of the next step.
@@ -197,7 +376,21 @@ impl Trainer {
     /// One step over `micro_batches` micro-batches produced by `f`. A non-finite loss or gradient
     /// skips the update (the report says why); too many skips in a row return
     /// `Error::NonFinite`.
-    pub fn step<F>(&mut self, micro_batches: usize, mut f: F) -> Result<StepReport>
+    ///
+    /// Data parallel, every rank calls it together; an error on one rank aborts the collective so
+    /// that the others fail too instead of waiting.
+    pub fn step<F>(&mut self, micro_batches: usize, f: F) -> Result<StepReport>
+    where
+        F: FnMut(StepCtx) -> Result<MicroBatch>,
+    {
+        let out = self.step_inner(micro_batches, f);
+        if let (Err(e), Some(dp)) = (&out, &self.dp) {
+            dp.comm.abort(&e.to_string());
+        }
+        out
+    }
+
+    fn step_inner<F>(&mut self, micro_batches: usize, mut f: F) -> Result<StepReport>
     where
         F: FnMut(StepCtx) -> Result<MicroBatch>,
     {
@@ -213,6 +406,8 @@ impl Trainer {
                 step,
                 micro,
                 seed: self.seed_for(step, micro),
+                rank: self.rank(),
+                world_size: self.world_size(),
             };
             let mb = f(ctx)?;
             if bad_loss.is_none() {
@@ -226,10 +421,45 @@ impl Trainer {
             };
             acc.add(&grads)?;
         }
-        if ntokens == 0 {
-            return Err(Error::invalid("micro-batches", "contain no target tokens"));
-        }
-        let mut grads = acc.finish_scaled(1.0 / ntokens as f64)?;
+        let (nll, ntokens, mut grads) = match &self.dp {
+            None => {
+                if ntokens == 0 {
+                    return Err(Error::invalid("micro-batches", "contain no target tokens"));
+                }
+                (nll, ntokens, acc.finish_scaled(1.0 / ntokens as f64)?)
+            }
+            Some(dp) => {
+                let mut grads = acc.finish_scaled(1.0)?;
+                let present: Vec<bool> = self
+                    .params
+                    .iter()
+                    .map(|(_, v)| grads.get(v).is_some())
+                    .collect();
+                let g = dp.agree(nll, ntokens, bad_loss.is_some(), &present)?;
+                if g.ntokens == 0 {
+                    return Err(Error::invalid(
+                        "micro-batches",
+                        "contain no target tokens on any rank",
+                    ));
+                }
+                let scale = 1.0 / g.ntokens as f64;
+                dp.all_reduce_grads(&mut grads, &self.params, &g.present, scale)?;
+                for (_, v) in self
+                    .params
+                    .iter()
+                    .filter(|(_, v)| dp.local.contains(&v.id()))
+                {
+                    if let Some(x) = grads.get(v) {
+                        let x = x.affine(scale, 0.0)?;
+                        grads.insert(v, x);
+                    }
+                }
+                if bad_loss.is_none() {
+                    bad_loss = g.bad_loss_rank.map(|rank| SkipReason::OtherRank { rank });
+                }
+                (g.nll, g.ntokens, grads)
+            }
+        };
         // fairseq sets the rate of the next update from the updates done so far.
         let lr = self.schedule.lr(self.opt.num_updates());
         let mut report = StepReport {
@@ -243,13 +473,29 @@ impl Trainer {
         };
         if report.skipped.is_none() {
             let _span = tracing::trace_span!("clip").entered();
-            let clip = self.clipper.clip(&mut grads, &self.dense, &self.expert)?;
+            let clip = match &self.dp {
+                Some(dp) if !dp.local.is_empty() => super::data_parallel::clip_with_local(
+                    dp,
+                    self.cfg.clip,
+                    &mut grads,
+                    &self.dense,
+                    &self.expert,
+                )?,
+                _ => self.clipper.clip(&mut grads, &self.dense, &self.expert)?,
+            };
             report.grad_norm = clip.total_norm;
             report.clip_coef = clip.coef;
             report.skipped = match check_grad_norm(clip.total_norm) {
                 Some(r) => Some(r),
                 None => check_grads(&grads, &self.params)?,
             };
+        }
+        if let Some(dp) = &self.dp {
+            // One decision for all ranks: expert-parallel gradients differ between ranks.
+            let first = dp.agree_skip(report.skipped.is_some())?;
+            if let (None, Some(rank)) = (&report.skipped, first) {
+                report.skipped = Some(SkipReason::OtherRank { rank });
+            }
         }
         self.step += 1;
         if !self.guard.record(report.skipped.as_ref())? {
@@ -261,7 +507,9 @@ impl Trainer {
         Ok(report)
     }
 
-    /// The optimiser state plus the step counter, as named tensors (`trainer.step`).
+    /// The optimiser state plus the step counter, as named tensors (`trainer.step`). With ZeRO-1
+    /// it gathers every rank's shard (a collective: all ranks call it; rank 0 writes the
+    /// result), so that the run resumes on any number of ranks.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut s = self.opt.state()?;
         s.insert(
@@ -271,7 +519,8 @@ impl Trainer {
         Ok(s)
     }
 
-    /// Restores [`Trainer::state`]; every tensor is checked against the parameters.
+    /// Restores [`Trainer::state`]; every tensor is checked against the parameters. Every rank
+    /// loads the whole state (ZeRO-1 keeps its own slice of it).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let step = state.get(STEP_KEY).ok_or_else(|| Error::MissingTensor {
             key: STEP_KEY.to_string(),
