@@ -245,5 +245,6 @@ fn moe_spec(f: &MoeFields) -> Option<MoeSpec> {
     Some(MoeSpec {
         freq: f.freq,
         layer,
+        expert_comm: None,
     })
 }

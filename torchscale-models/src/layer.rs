@@ -124,9 +124,11 @@ impl Layer {
             let mut cfg = moe.layer.clone();
             cfg.inner_norm = st.inner_norm(Site::FeedForward);
             let gain = st.init_gain(Site::FeedForward, ParamRole::Fc1);
-            FfnBlock::Moe(Box::new(
-                MoeLayer::new(cfg, gain, vb.pp("moe_layer"))?.with_layer_index(index),
-            ))
+            let layer = match &moe.expert_comm {
+                Some(c) => MoeLayer::new_expert_parallel(cfg, gain, vb.pp("moe_layer"), c.clone())?,
+                None => MoeLayer::new(cfg, gain, vb.pp("moe_layer"))?,
+            };
+            FfnBlock::Moe(Box::new(layer.with_layer_index(index)))
         } else {
             let cfg = FfnConfig {
                 embed_dim: spec.embed_dim,

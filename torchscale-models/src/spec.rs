@@ -10,6 +10,9 @@ pub struct MoeSpec {
     pub freq: usize,
     /// The layer settings (experts, gate, capacity).
     pub layer: torchscale_moe::MoeConfig,
+    /// Expert parallelism: the ranks that share the experts (each builds `E / W` of them and
+    /// exchanges tokens through this collective); `None` holds every expert here.
+    pub expert_comm: Option<std::sync::Arc<dyn torchscale_core::Collective>>,
 }
 
 /// Everything a stack needs to be built.
