@@ -108,7 +108,8 @@ impl CustomOp2 for AllToAllOp {
         take_received(s2, l2)
     }
 
-    #[cfg(feature = "cuda")]
+    // Whichever crate turns candle's CUDA or Metal backend on, the exchanged buffer is handed
+    // over the same way (without those backends these storages are candle's stand-ins).
     fn cuda_fwd(
         &self,
         _s1: &candle_core::CudaStorage,
@@ -116,6 +117,16 @@ impl CustomOp2 for AllToAllOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        take_received(s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        _s1: &candle_core::MetalStorage,
+        _l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         take_received(s2, l2)
     }
 

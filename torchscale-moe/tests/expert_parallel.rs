@@ -374,3 +374,35 @@ fn all_to_all_rows_forward_and_backward() {
         }
     }
 }
+
+/// One rank (torchscale-core's `SingleProcess`): the exchange is the identity, forward and
+/// backward, also for a buffer that is a view into a larger tensor (its storage does not start
+/// at the buffer's first row).
+#[test]
+fn one_rank_all_to_all_is_the_identity() {
+    let comm: Arc<dyn Collective> = Arc::new(torchscale_core::collective::SingleProcess);
+    let base = Var::from_tensor(&randn(3, (7, 4))).unwrap();
+    let x = base.as_tensor().narrow(0, 2, 5).unwrap();
+    let (y, rows) = all_to_all_rows(&comm, &x, &[5]).unwrap();
+    assert_eq!(rows, vec![5]);
+    assert_eq!(max_diff(&y, &x), 0.0);
+    let w = randn(4, (5, 4));
+    let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = g.get(base.as_tensor()).unwrap();
+    assert_eq!(max_diff(&gb.narrow(0, 2, 5).unwrap(), &w), 0.0);
+    assert_eq!(max_abs_rows(gb, 0, 2), 0.0);
+    // Row counts must match the ranks and the rows.
+    assert!(all_to_all_rows(&comm, &x, &[4]).is_err());
+    assert!(all_to_all_rows(&comm, &x, &[2, 3]).is_err());
+}
+
+fn max_abs_rows(t: &Tensor, start: usize, n: usize) -> f32 {
+    t.narrow(0, start, n)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
