@@ -7,8 +7,8 @@
 //! - **`mpi`**: `MpiCollective`, on the `mpi` crate (rsmpi 0.8) and the system's MPI library
 //!   (OpenMPI on Debian: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`). CPU
 //!   tensors.
-//! - **`nccl`**: `NcclCollective`, NCCL through cudarc for CUDA tensors, its unique id broadcast
-//!   over MPI (implies `mpi`; needs the CUDA toolkit, see `cargo xtask cuda build`).
+//! - **`nccl`** (planned, not written yet): NCCL through cudarc for CUDA tensors, its unique id
+//!   broadcast over MPI. The feature only turns on `mpi` and candle's `nccl` so far.
 //!
 //! For tests without a launcher, `torchscale_core::LocalGroup` runs W ranks as threads of one
 //! process; it is a test double, not a backend to train with.
