@@ -28,12 +28,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
-use torchscale_core::{Error, Result};
+use torchscale_core::{Collective, Error, Result};
 
-use crate::build::BuildOptions;
+use crate::build::{decoder_spec, stabilizer, BuildOptions};
 use crate::checkpoint::{load_into, read_safetensors, serialize, state_tensors};
 use crate::checkpoint_dir;
 use crate::config::DecoderConfig;
@@ -132,6 +134,61 @@ impl LanguageModel {
             learned_positions: Some(learned_positions),
         };
         let model = Decoder::new(&cfg, &opts, vb)?;
+        Ok(Self {
+            cfg,
+            store,
+            model,
+            learned_positions,
+        })
+    }
+
+    /// As [`LanguageModel::with_dtype`] with every MoE layer expert-parallel over `comm`
+    /// (`MoeSpec::expert_comm`): this rank builds only its `E / world` experts, under their global
+    /// names (`layers.{i}.moe_layer.experts.{j}.…`), and every forward call is collective.
+    ///
+    /// The parameters are drawn from the seed's stream in build order, which differs between
+    /// ranks once they build different experts: copy or broadcast the values every rank must
+    /// share (the dense ones) before training. Errors if the config has no MoE layer or the
+    /// experts do not divide over the ranks.
+    pub fn expert_parallel(
+        cfg: DecoderConfig,
+        learned_positions: bool,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        // Stored as given, as `with_dtype` does (its config.json is the same).
+        let fin = cfg.clone().finalize()?;
+        let opts = BuildOptions {
+            learned_positions: Some(learned_positions),
+        };
+        let mut spec = decoder_spec(&fin, &opts);
+        let world = comm.world_size();
+        let moe = spec.moe.as_mut().ok_or_else(|| {
+            Error::config(
+                "expert_parallel",
+                "needs MoE layers (moe_freq > 0 and moe_expert_count > 0)",
+            )
+        })?;
+        if world == 0 || !moe.layer.num_experts.is_multiple_of(world) {
+            return Err(Error::config(
+                "expert_parallel",
+                format!(
+                    "{} experts do not divide over {world} ranks",
+                    moe.layer.num_experts
+                ),
+            ));
+        }
+        moe.expert_comm = Some(comm);
+        let st = stabilizer(
+            fin.technique(),
+            fin.stack_kind(),
+            &fin.admin_output_change_scale,
+            fin.admin_as_parameter,
+        )?;
+        let store = ParamStore::new(seed);
+        let model = Decoder::from_spec(spec, st, false, None, store.var_builder(dtype, device))?;
         Ok(Self {
             cfg,
             store,
@@ -248,6 +305,28 @@ impl LanguageModel {
     /// Saves the model (and, if given, a trainer state with its metadata) as a checkpoint folder,
     /// replacing any previous one atomically.
     pub fn save(&self, dir: &Path, trainer: Option<&TrainerFile>) -> Result<()> {
+        self.save_with(dir, trainer, Vec::new())
+    }
+
+    /// As [`LanguageModel::save`], with `extra` tensors written next to this model's own: the
+    /// experts other ranks hold in an expert-parallel run, so that one checkpoint holds every
+    /// expert and loads on any number of ranks. A name this model already has is an error.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        trainer: Option<&TrainerFile>,
+        extra: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        let mut tensors = state_tensors(&self.store, &self.model.buffers()?, &self.aliases());
+        let own: std::collections::HashSet<String> =
+            tensors.iter().map(|(k, _)| k.clone()).collect();
+        if let Some((k, _)) = extra.iter().find(|(k, _)| own.contains(k)) {
+            return Err(Error::invalid(
+                "extra",
+                format!("`{k}` is already a tensor of the model"),
+            ));
+        }
+        tensors.extend(extra);
         let config = serde_json::to_string_pretty(&self.cfg)
             .map_err(|e| Error::invalid("config", e.to_string()))?;
         let meta = HashMap::from([
@@ -261,10 +340,7 @@ impl LanguageModel {
                 "torchscale-rs checkpoint 1".to_string(),
             ),
         ]);
-        let model = serialize(
-            &state_tensors(&self.store, &self.model.buffers()?, &self.aliases()),
-            meta,
-        )?;
+        let model = serialize(&tensors, meta)?;
         let trainer = match trainer {
             Some(tf) => {
                 let mut state: Vec<(String, Tensor)> = tf

@@ -81,6 +81,10 @@ pub struct Session {
     pub sample_len: usize,
     pub prompt: String,
     pub temperature: f64,
+    /// Under mpirun: the MoE layers' experts spread over the ranks (E / W each).
+    pub expert_parallel: bool,
+    /// Under mpirun: AdamW's moments sharded over the ranks (ZeRO stage 1).
+    pub zero1: bool,
 }
 
 pub fn default_data() -> PathBuf {
@@ -200,6 +204,13 @@ pub struct Cli {
     /// Sampling temperature (0 = greedy)
     #[arg(long, value_name = "X", default_value_t = 0.8)]
     temperature: f64,
+    /// Under mpirun (a build with --features mpi): each rank holds E / W of the --moe experts and
+    /// tokens travel to them by all-to-all
+    #[arg(long)]
+    expert_parallel: bool,
+    /// Under mpirun: shard AdamW's moments over the ranks (ZeRO stage 1)
+    #[arg(long)]
+    zero1: bool,
 }
 
 /// The parsed command line.
@@ -223,6 +234,10 @@ const SESSION_FLAGS: &[&str] = &[
     "sample_len",
     "prompt",
     "temperature",
+    // How the run is spread over processes: a checkpoint holds every tensor in one layout, so
+    // a resume may choose another.
+    "expert_parallel",
+    "zero1",
 ];
 
 /// Parses `args` (program name first); clap's error carries the exit code (2 for usage errors,
@@ -281,6 +296,8 @@ fn parsed(c: Cli, cmd: &Command, m: &ArgMatches) -> Parsed {
             sample_len: c.sample_len,
             prompt: c.prompt,
             temperature: c.temperature,
+            expert_parallel: c.expert_parallel,
+            zero1: c.zero1,
         },
         run_flags_given,
     }
