@@ -4,14 +4,14 @@
 # no ../data), and the other torchscale crates come from their packages too (patched in for the
 # crates.io versions that do not exist yet).
 #
-# Usage: xtask/scripts/package-check.sh [crate...]   (default: all seven; extra args to cargo test
+# Usage: xtask/scripts/package-check.sh [crate...]   (default: all eight; extra args to cargo test
 # after `--`). Builds share the workspace's target folder (or $CARGO_TARGET_DIR).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 
 crates=(torchscale-kernels torchscale-core torchscale-norm torchscale-admin torchscale-moe
-    torchscale-clip torchscale-models)
+    torchscale-clip torchscale-dist torchscale-models)
 only=()
 test_args=()
 while (($#)); do
