@@ -16,9 +16,9 @@
 //! ## Running under mpirun
 //!
 //! ```text
-//! cargo build --release -p torchscale-models --features mpi --bin train_lm
+//! cargo build --release -p torchscale-models --features mpi --example train_lm
 //! mpirun -np 2 --oversubscribe -x RAYON_NUM_THREADS=1 -x CANDLE_NUM_THREADS=1 \
-//!     target/release/train_lm ...
+//!     target/release/examples/train_lm ...
 //! ```
 //!
 //! Each process calls `MpiCollective::init` once (it finalises MPI when dropped). As root (in a
