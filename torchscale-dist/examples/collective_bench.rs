@@ -28,7 +28,13 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use serde::Serialize;
 use torchscale_core::Collective;
+use torchscale_dist::header::HEADER_WORDS;
 use torchscale_dist::MpiCollective;
+
+// The allocator train_lm runs on: our layer's fresh buffers reuse freed pages instead of
+// faulting them in on every call, as they would in a training step.
+#[global_allocator]
+static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
 
 /// Bandwidth of MpiCollective's collectives (and the raw MPI calls) over message sizes; run under
 /// mpirun with 2 or more ranks.
@@ -166,6 +172,9 @@ struct Row {
     path: &'static str,
     bytes: usize,
     median_us: f64,
+    /// Our layer's local work alone (copies, fresh buffer), median; only on "torchscale" rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_us: Option<f64>,
     min_us: f64,
     algbw_gbs: f64,
     busbw_gbs: f64,
@@ -177,6 +186,8 @@ struct Report<'a> {
     mpi_library: String,
     iters: usize,
     warmup: usize,
+    /// The header all-gather alone, median µs.
+    header_us: f64,
     rows: &'a [Row],
 }
 
@@ -285,6 +296,23 @@ impl<'a> Case<'a> {
         Ok(())
     }
 
+    /// The local work our layer adds around the MPI call, timed alone (no communication): the
+    /// input tensor copied to a buffer (the chunks concatenated first, for all-to-all), a fresh
+    /// output buffer written once (the page faults the MPI call pays there), a tensor made of it.
+    fn local(&self) -> Result<()> {
+        let input = match self.op {
+            BenchOp::AllToAll => Tensor::cat(&self.chunks, 0)?,
+            _ => self.tensor.clone(),
+        };
+        let send = input.to_vec1::<f32>()?;
+        let mut out = vec![0f32; self.recv.len()];
+        out.fill(1.0);
+        std::hint::black_box((&send, &mut out));
+        let t = Tensor::from_vec(out, self.recv.len(), &Device::Cpu)?;
+        std::hint::black_box(t);
+        Ok(())
+    }
+
     /// The rsmpi call on preallocated buffers; checks the result when `verify`.
     fn raw(&mut self, verify: bool) -> Result<()> {
         let (n, part) = (self.n, self.len / self.n);
@@ -317,10 +345,10 @@ impl<'a> Case<'a> {
     }
 }
 
-/// Per-iteration times (seconds) of the slowest rank, for both paths, interleaved so that both
-/// see the same machine load.
-fn measure(case: &mut Case, args: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut ours, mut raw) = (vec![], vec![]);
+/// Per-iteration times (seconds) of the slowest rank: our layer, the raw call and our layer's
+/// local work alone, interleaved so that all three see the same machine load.
+fn measure(case: &mut Case, args: &Args) -> Result<[Vec<f64>; 3]> {
+    let (mut ours, mut raw, mut local) = (vec![], vec![], vec![]);
     for it in 0..args.warmup + args.iters {
         let verify = it == 0;
         if !args.no_raw {
@@ -333,6 +361,9 @@ fn measure(case: &mut Case, args: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
         let t0 = Instant::now();
         case.ours(verify)?;
         ours.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        case.local()?;
+        local.push(t0.elapsed().as_secs_f64());
     }
     let slowest = |v: Vec<f64>| -> Vec<f64> {
         let mut out = vec![0.0; v.len()];
@@ -340,7 +371,24 @@ fn measure(case: &mut Case, args: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
             .all_reduce_into(&v[..], &mut out[..], SystemOperation::max());
         out.split_off(args.warmup.min(out.len()))
     };
-    Ok((slowest(ours), slowest(raw)))
+    Ok([slowest(ours), slowest(raw), slowest(local)])
+}
+
+/// Median time (seconds, slowest rank) of the check before every call of our layer, alone: the
+/// all-gather of one header of `HEADER_WORDS` u64 per rank.
+fn header_time(world_comm: &SimpleCommunicator, n: usize, args: &Args) -> f64 {
+    let header = [0u64; HEADER_WORDS];
+    let mut all = vec![0u64; HEADER_WORDS * n];
+    let mut times = vec![];
+    for _ in 0..args.warmup + args.iters {
+        world_comm.barrier();
+        let t0 = Instant::now();
+        world_comm.all_gather_into(&header[..], &mut all[..]);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut slowest = vec![0.0; times.len()];
+    world_comm.all_reduce_into(&times[..], &mut slowest[..], SystemOperation::max());
+    median(&mut slowest[args.warmup..])
 }
 
 fn row(op: BenchOp, path: &'static str, bytes: usize, n: usize, mut t: Vec<f64>) -> Row {
@@ -352,6 +400,7 @@ fn row(op: BenchOp, path: &'static str, bytes: usize, n: usize, mut t: Vec<f64>)
         path,
         bytes,
         median_us: med * 1e6,
+        local_us: None,
         min_us: min * 1e6,
         algbw_gbs: algbw,
         busbw_gbs: algbw * op.bus_factor(n),
@@ -367,6 +416,7 @@ fn run(coll: &MpiCollective, args: &Args) -> Result<()> {
         bail!("--iters must be at least 1");
     }
     let world_comm = SimpleCommunicator::world();
+    let header_us = header_time(&world_comm, n, args) * 1e6;
     let mut rows = vec![];
     for &op in &args.ops {
         for &bytes in &sizes(args)? {
@@ -375,16 +425,18 @@ fn run(coll: &MpiCollective, args: &Args) -> Result<()> {
                 bail!("{bytes} bytes is less than one f32 per rank");
             }
             let mut case = Case::new(op, coll, &world_comm, len)?;
-            let (ours, raw) = measure(&mut case, args)?;
+            let [ours, raw, mut local] = measure(&mut case, args)?;
             let bytes = len * 4;
             if !raw.is_empty() {
                 rows.push(row(op, "raw", bytes, n, raw));
             }
-            rows.push(row(op, "torchscale", bytes, n, ours));
+            let mut r = row(op, "torchscale", bytes, n, ours);
+            r.local_us = Some(median(&mut local) * 1e6);
+            rows.push(r);
         }
     }
     if coll.rank() == 0 {
-        print_table(&rows, n, args);
+        print_table(&rows, n, header_us, args);
         if let Some(path) = &args.json {
             let report = Report {
                 world: n,
@@ -394,6 +446,7 @@ fn run(coll: &MpiCollective, args: &Args) -> Result<()> {
                     .to_string(),
                 iters: args.iters,
                 warmup: args.warmup,
+                header_us,
                 rows: &rows,
             };
             let text = serde_json::to_string_pretty(&report)?;
@@ -404,15 +457,16 @@ fn run(coll: &MpiCollective, args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[Row], n: usize, args: &Args) {
+fn print_table(rows: &[Row], n: usize, header_us: f64, args: &Args) {
     println!(
-        "{n} ranks, f32, median of {} iterations (slowest rank each), {} warm-up",
+        "{n} ranks, f32, median of {} iterations (slowest rank each), {} warm-up; \
+         header all-gather alone: {header_us:.2} µs",
         args.iters, args.warmup
     );
     println!(
-        "| op | size | raw µs | raw busbw GB/s | torchscale µs | torchscale busbw GB/s | torchscale / raw |"
+        "| op | size | raw µs | raw busbw GB/s | torchscale µs | torchscale busbw GB/s | torchscale / raw | local µs |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for ours in rows.iter().filter(|r| r.path == "torchscale") {
         let raw = rows
             .iter()
@@ -426,16 +480,18 @@ fn print_table(rows: &[Row], n: usize, args: &Args) {
             None => ("–".into(), "–".into(), "–".into()),
         };
         println!(
-            "| {} | {} | {raw_us} | {raw_bw} | {:.1} | {:.2} | {ratio} |",
+            "| {} | {} | {raw_us} | {raw_bw} | {:.1} | {:.2} | {ratio} | {:.1} |",
             ours.op.name(),
             human(ours.bytes),
             ours.median_us,
             ours.busbw_gbs,
+            ours.local_us.unwrap_or(f64::NAN),
         );
     }
 }
 
 fn main() -> Result<()> {
+    torchscale_kernels::alloc::keep_freed_memory();
     let args = Args::parse();
     let coll = MpiCollective::init()?;
     if let Err(e) = run(&coll, &args) {
