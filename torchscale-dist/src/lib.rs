@@ -7,8 +7,9 @@
 //! - **`mpi`**: `MpiCollective`, on the `mpi` crate (rsmpi 0.8) and the system's MPI library
 //!   (OpenMPI on Debian: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`). CPU
 //!   tensors.
-//! - **`nccl`** (planned, not written yet): NCCL through cudarc for CUDA tensors, its unique id
-//!   broadcast over MPI. The feature only turns on `mpi` and candle's `nccl` so far.
+//! - **`nccl`**: `NcclCollective`, NCCL through cudarc (candle's `nccl` feature) for CUDA
+//!   tensors, one GPU per rank, its unique id broadcast and every call checked over MPI. Built
+//!   by `cargo xtask cuda build` (CUDA toolkit and libnccl from PyPI); its test needs 2 GPUs.
 //!
 //! For tests without a launcher, `torchscale_core::LocalGroup` runs W ranks as threads of one
 //! process; it is a test double, not a backend to train with.
@@ -32,9 +33,13 @@
 pub mod header;
 #[cfg(feature = "mpi")]
 mod mpi_collective;
+#[cfg(feature = "nccl")]
+mod nccl_collective;
 
 #[cfg(feature = "mpi")]
 pub use mpi_collective::MpiCollective;
+#[cfg(feature = "nccl")]
+pub use nccl_collective::{local_rank, NcclCollective};
 
 /// Whether this process was started by a launcher: OpenMPI's `mpirun` (it sets
 /// `OMPI_COMM_WORLD_SIZE`) or another PMI launcher (`PMI_SIZE`, MPICH and Slurm).

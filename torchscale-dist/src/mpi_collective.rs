@@ -119,6 +119,14 @@ impl MpiCollective {
         header::check(op, self.rank, &all, local)
     }
 
+    /// Checks `header` against every rank's over MPI, for a collective that another engine
+    /// (NCCL) then runs: afterwards the call is valid on every rank, or every rank has an error.
+    #[cfg(feature = "nccl")]
+    pub(crate) fn agree_header(&self, op: Op, header: Header, local: Option<Error>) -> Result<()> {
+        let _g = self.guard();
+        self.agree(op, header, local)
+    }
+
     /// This rank's part of a header for one tensor: the local checks every op shares.
     fn local_checks(&self, op: Op, t: &Tensor) -> (Header, Option<Error>) {
         let h = Header::new(op, 0).tensor(t);

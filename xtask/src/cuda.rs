@@ -5,11 +5,14 @@
 //! the link folder `target/cuda-sdk/link` (see [`toolkit::Toolkit::ensure_link_dir`]), builds
 //! the `cuda_*` tests and examples of the [`CUDA_CRATES`] (torchscale-moe's MoE kernels,
 //! torchscale-kernels' fused kernels) with their `cuda` features in release into `target/cuda`
-//! (never touching the CPU builds in `target/`), and packs them stripped and xz-compressed with
-//! `run.sh` into `target/cuda-carry` (carry that folder to the GPU machine).
-//! `run` executes `run.sh` there: unxz, `LD_LIBRARY_PATH` at the pip CUDA 13 libraries, the
-//! tests, then the benchmarks. On a machine without cargo, `bash target/cuda-carry/run.sh`
-//! does the same.
+//! (never touching the CPU builds in `target/`), and torchscale-dist's NCCL test
+//! ([`NCCL_TEST`], feature `nccl`: NCCL from PyPI, OpenMPI from the system), and packs them
+//! stripped and xz-compressed with `run.sh` into `target/cuda-carry` (carry that folder to the
+//! GPU machine).
+//! `run` executes `run.sh` there: unxz, `LD_LIBRARY_PATH` at the pip CUDA 13 and NCCL
+//! libraries, the tests, the NCCL test (under mpirun, only where 2 or more GPUs are visible;
+//! with one it says it skipped it), then the benchmarks. On a machine without cargo,
+//! `bash target/cuda-carry/run.sh` does the same.
 
 pub mod pack;
 pub mod toolkit;
@@ -27,8 +30,9 @@ use crate::paths::shown;
 /// `cargo xtask cuda <build|run>`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum CudaCmd {
-    /// Install the pinned CUDA toolkit (pip, under target/cuda-sdk), build the `cuda_*` tests and
-    /// examples in release into target/cuda and pack them (no GPU needed)
+    /// Install the pinned CUDA toolkit and NCCL (pip, under target/cuda-sdk), build the `cuda_*`
+    /// tests and examples and the NCCL test in release into target/cuda and pack them (no GPU
+    /// needed)
     Build {
         /// Folder to pack into [default: target/cuda-carry]
         #[arg(long, visible_alias = "dir", value_name = "DIR")]
@@ -48,7 +52,7 @@ pub enum CudaCmd {
 /// What `cuda run` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum What {
-    /// The `cuda_*` tests.
+    /// The `cuda_*` tests and the NCCL test.
     Tests,
     /// The `cuda_*` examples (benchmarks).
     Bench,
@@ -62,12 +66,14 @@ pub const COMPUTE_CAP: &str = "90";
 pub const CUDARC_VERSION: &str = "13000";
 /// The crates whose `cuda` feature is built and whose `cuda_*` tests and examples are packed.
 pub const CUDA_CRATES: [&str; 2] = ["torchscale-moe", "torchscale-kernels"];
-
-/// One packed binary: `kind` is `tests` or `bench`, `krate` the folder of the crate it belongs
+/// torchscale-dist's NcclCollective test (feature `nccl`, 2+ GPUs, launches itself under
+/// mpirun), packed with kind `nccl`.
+pub const NCCL_TEST: &str = "nccl_collectives";
+/// One packed binary: `kind` is `tests`, `nccl` or `bench`, `krate` the folder of the crate it belongs
 /// to (the tests run from there, as cargo runs them), `path` the executable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Artifact {
-    /// `tests` or `bench`.
+    /// `tests`, `nccl` (the NCCL test: 2+ GPUs, mpirun) or `bench`.
     pub kind: String,
     /// The crate's folder name in the workspace (`torchscale-moe` when cargo did not say).
     pub krate: String,
@@ -112,10 +118,17 @@ pub fn build(root: &Path, out: &Path) -> Result<()> {
     )?;
     let link = tk.ensure_link_dir(&home)?;
     tracing::info!("building the cuda_* tests and examples (release, target/cuda)");
-    let bins = cargo_build(root, &home, &link)?;
+    let mut bins = cargo_build(root, &home, &link)?;
     if bins.is_empty() {
         bail!("cargo built no cuda_* test or example");
     }
+    tracing::info!("building torchscale-dist's {NCCL_TEST} (feature nccl, release, target/cuda)");
+    let nccl = cargo_build_nccl(root, &home, &link)?;
+    if !nccl.iter().any(|a| a.kind == "nccl") {
+        bail!("cargo built no {NCCL_TEST}");
+    }
+    bins.extend(nccl);
+    sort(&mut bins);
     tracing::info!("packing {} binaries (strip, xz)", bins.len());
     let size = pack::pack(&bins, out)?;
     for a in &bins {
@@ -176,7 +189,33 @@ fn cargo_build(root: &Path, home: &Path, link: &Path) -> Result<Vec<Artifact>> {
     artifacts(&String::from_utf8_lossy(&output.stdout))
 }
 
-/// The `cuda_*` executables in cargo's JSON messages.
+/// Builds torchscale-dist's [`NCCL_TEST`] with its `nccl` feature (OpenMPI's headers and
+/// libclang for rsmpi, as for the `mpi` feature; libnccl from the link folder).
+fn cargo_build_nccl(root: &Path, home: &Path, link: &Path) -> Result<Vec<Artifact>> {
+    let mut cmd = cuda_command(root, home, link);
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "torchscale-dist",
+        "--features",
+        "torchscale-dist/nccl",
+        "--test",
+        NCCL_TEST,
+        "--message-format=json-render-diagnostics",
+    ])
+    .stdout(Stdio::piped());
+    let output = cmd.spawn()?.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "the NCCL build failed ({}); it needs libopenmpi-dev and libclang-dev",
+            output.status
+        );
+    }
+    artifacts(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// The `cuda_*` executables and the [`NCCL_TEST`] in cargo's JSON messages.
 pub fn artifacts(json_lines: &str) -> Result<Vec<Artifact>> {
     let mut out = Vec::new();
     for line in json_lines.lines() {
@@ -190,13 +229,17 @@ pub fn artifacts(json_lines: &str) -> Result<Vec<Artifact>> {
         else {
             continue;
         };
-        if !name.starts_with("cuda_") {
+        if !name.starts_with("cuda_") && name != NCCL_TEST {
             continue;
         }
         let is_example = v["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|x| x == "example"));
-        let kind = if is_example { "bench" } else { "tests" };
+        let kind = match (is_example, name == NCCL_TEST) {
+            (true, _) => "bench",
+            (false, true) => "nccl",
+            (false, false) => "tests",
+        };
         let krate = v["manifest_path"]
             .as_str()
             .and_then(|m| Path::new(m).parent()?.file_name()?.to_str())
@@ -207,12 +250,22 @@ pub fn artifacts(json_lines: &str) -> Result<Vec<Artifact>> {
             path: PathBuf::from(exe),
         });
     }
-    // Tests before benchmarks (run.sh runs them in this order), then by crate and path.
-    out.sort_by(|a, b| {
-        let key = |x: &Artifact| (x.kind != "tests", x.krate.clone(), x.path.clone());
+    sort(&mut out);
+    Ok(out)
+}
+
+/// Tests, then the NCCL test, then benchmarks (run.sh runs them in this order), then by crate
+/// and path.
+fn sort(bins: &mut [Artifact]) {
+    let rank = |kind: &str| match kind {
+        "tests" => 0,
+        "nccl" => 1,
+        _ => 2,
+    };
+    bins.sort_by(|a, b| {
+        let key = |x: &Artifact| (rank(&x.kind), x.krate.clone(), x.path.clone());
         key(a).cmp(&key(b))
     });
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -231,6 +284,10 @@ mod tests {
             r#"{"reason":"compiler-artifact","target":{"name":"cuda_x","kind":["lib"]},"executable":null}"#,
             "\n",
             r#"{"reason":"compiler-artifact","manifest_path":"/w/torchscale-kernels/Cargo.toml","target":{"name":"cuda_fused","kind":["test"]},"executable":"/t/cuda_fused-3"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/torchscale-dist/Cargo.toml","target":{"name":"nccl_collectives","kind":["test"]},"executable":"/t/nccl_collectives-4"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/torchscale-dist/Cargo.toml","target":{"name":"mpi_collectives","kind":["test"]},"executable":"/t/mpi_collectives-5"}"#,
             "\nnot json\n"
         );
         let a = artifacts(lines).unwrap();
@@ -244,6 +301,7 @@ mod tests {
             vec![
                 art("tests", "torchscale-kernels", "/t/cuda_fused-3"),
                 art("tests", "torchscale-moe", "/t/cuda_kernels-1"),
+                art("nccl", "torchscale-dist", "/t/nccl_collectives-4"),
                 art("bench", "torchscale-moe", "/t/cuda_bench"),
             ]
         );

@@ -10,6 +10,10 @@ use anyhow::{bail, Context, Result};
 /// driver 580 (CUDA 13.0) JIT-compiles; a newer nvcc would make PTX that driver rejects.
 pub const TOOLKIT_PIN: &str = "cuda-toolkit[nvcc,crt,nvvm,cccl,cudart,cublas,curand,nvrtc]==13.0.2";
 
+/// NCCL for torchscale-dist's `nccl` feature (linked, then loaded as `libnccl.so.2`): cudarc
+/// 0.19's `nccl` feature binds NCCL 2.30's API.
+pub const NCCL_PIN: &str = "nvidia-nccl-cu13==2.30.7";
+
 /// Where the toolkit lives: `venv/` (pip) and `link/` (the link folder).
 #[derive(Debug, Clone)]
 pub struct Toolkit {
@@ -38,9 +42,20 @@ impl Toolkit {
             .find(|p| p.join("bin/nvcc").exists())
     }
 
-    /// Installs the pinned toolkit unless nvcc is already there; returns the CUDA root.
+    /// `libnccl.so.2` of the NCCL wheel inside the venv, if installed.
+    pub fn nccl_lib(&self) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(self.venv().join("lib")).ok()?;
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("site-packages/nvidia/nccl/lib/libnccl.so.2"))
+            .find(|p| p.exists())
+    }
+
+    /// Installs the pinned toolkit unless nvcc is already there, and NCCL unless its library
+    /// is; returns the CUDA root.
     pub fn ensure_installed(&self) -> Result<PathBuf> {
         if let Some(home) = self.cuda_home() {
+            self.ensure_nccl()?;
             return Ok(home);
         }
         std::fs::create_dir_all(&self.base)?;
@@ -54,12 +69,24 @@ impl Toolkit {
             .arg(self.venv()))?;
         let pip = self.venv().join("bin/pip");
         run(Command::new(&pip).args(["install", "-q", "--upgrade", "pip"]))?;
-        run(Command::new(&pip).args(["install", "-q", TOOLKIT_PIN]))?;
+        run(Command::new(&pip).args(["install", "-q", TOOLKIT_PIN, NCCL_PIN]))?;
+        self.ensure_nccl()?;
         self.cuda_home()
             .context("pip installed the toolkit but nvidia/cu13/bin/nvcc is missing")
     }
 
-    /// Writes the link folder: `lib{cublas,cublasLt,cudart,nvrtc,curand}.so` links to the
+    /// Installs [`NCCL_PIN`] into the venv unless `libnccl.so.2` is there; returns its path.
+    pub fn ensure_nccl(&self) -> Result<PathBuf> {
+        if let Some(lib) = self.nccl_lib() {
+            return Ok(lib);
+        }
+        tracing::info!("installing {NCCL_PIN} (pip, once)");
+        run(Command::new(self.venv().join("bin/pip")).args(["install", "-q", NCCL_PIN]))?;
+        self.nccl_lib()
+            .context("pip installed NCCL but nvidia/nccl/lib/libnccl.so.2 is missing")
+    }
+
+    /// Writes the link folder: `lib{cublas,cublasLt,cudart,nvrtc,curand,nccl}.so` links to the
     /// wheels' versioned libraries, and a `libcuda.so` stub (SONAME `libcuda.so.1`) defining
     /// every driver entry point as a function returning CUDA_ERROR_NO_DEVICE. Only the SONAME
     /// and symbol names reach the binaries; the GPU machine's driver provides the real one.
@@ -84,6 +111,10 @@ impl Toolkit {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&target, &link)?;
         }
+        let nccl = self.ensure_nccl()?;
+        let link = dir.join("libnccl.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&nccl, &link)?;
         let stub = dir.join("libcuda.so");
         let mut names = driver_symbols(&cuda_home.join("include/cuda.h"))?;
         let cudarc = cudarc_symbols()?;
