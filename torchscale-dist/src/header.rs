@@ -295,6 +295,89 @@ pub fn check(op: Op, me: usize, all: &[u64], local: Option<Error>) -> Result<()>
     Ok(())
 }
 
+/// The error a backend reports for `op` on `rank`.
+#[cfg(feature = "mpi")]
+pub(crate) fn op_error(op: Op, rank: usize, reason: impl Into<String>) -> Error {
+    Error::Collective {
+        op: op.name().into(),
+        rank,
+        reason: reason.into(),
+    }
+}
+
+/// The error behind a fault that [`Header::tensor`] recorded for `t` (a dtype no backend moves,
+/// too many dimensions), if any: the device-independent part of every backend's local checks.
+#[cfg(feature = "mpi")]
+pub(crate) fn tensor_error(op: Op, rank: usize, h: &Header, t: &Tensor) -> Option<Error> {
+    let reason = match h.faulted() {
+        Some(Fault::DType) => format!(
+            "dtype {:?} is not supported (u8, u32, i64, bf16, f16, f32, f64)",
+            t.dtype()
+        ),
+        Some(Fault::TooManyDims) => {
+            format!("shape {:?} has more than {MAX_DIMS} dimensions", t.dims())
+        }
+        _ => return None,
+    };
+    Some(op_error(op, rank, reason))
+}
+
+/// The checks of an all-to-all's chunks that every backend shares: one chunk per rank, each with
+/// rows, all with chunk 0's trailing dimensions and dtype, each passing the backend's `local`
+/// checks. On a fault, the faulted header and this rank's error; `None` when they pass.
+#[cfg(feature = "mpi")]
+pub(crate) fn all_to_all_chunks(
+    rank: usize,
+    world: usize,
+    chunks: &[Tensor],
+    local: impl Fn(&Tensor) -> (Header, Option<Error>),
+) -> Option<(Header, Option<Error>)> {
+    let op = Op::AllToAll;
+    let h = || Header::new(op, 0);
+    let fail = |fault, reason: String| Some((h().fault(fault), Some(op_error(op, rank, reason))));
+    if chunks.len() != world {
+        return fail(
+            Fault::ChunkCount,
+            format!(
+                "{} chunks for a world of {world} ranks (one per rank)",
+                chunks.len()
+            ),
+        );
+    }
+    for (i, c) in chunks.iter().enumerate() {
+        if c.rank() == 0 {
+            return fail(
+                Fault::Rows,
+                format!("chunk {i} is a scalar; chunks need rows"),
+            );
+        }
+        if c.dims()[1..] != chunks[0].dims()[1..] || c.dtype() != chunks[0].dtype() {
+            return fail(
+                Fault::ChunkShapes,
+                format!(
+                    "chunk {i} is {:?} {:?} where chunk 0 is {:?} {:?}",
+                    c.dtype(),
+                    c.dims(),
+                    chunks[0].dtype(),
+                    chunks[0].dims()
+                ),
+            );
+        }
+        let (ch, e) = local(c);
+        if let Some(fault) = ch.faulted() {
+            return Some((h().fault(fault), e));
+        }
+    }
+    None
+}
+
+/// The header of a valid all-to-all: chunk 0's dtype and trailing dimensions.
+#[cfg(feature = "mpi")]
+pub(crate) fn all_to_all_header(chunks: &[Tensor]) -> Header {
+    let first = &chunks[0];
+    Header::new(Op::AllToAll, 0).describe(first.dtype(), &first.dims()[1..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,11 +104,7 @@ impl MpiCollective {
     }
 
     fn err(&self, op: Op, reason: impl Into<String>) -> Error {
-        Error::Collective {
-            op: op.name().into(),
-            rank: self.rank,
-            reason: reason.into(),
-        }
+        header::op_error(op, self.rank, reason)
     }
 
     /// All-gathers the headers and checks them: afterwards every rank knows the call is valid
@@ -147,24 +143,7 @@ impl MpiCollective {
             );
             return (h.fault(Fault::TooLarge), Some(e));
         }
-        let e = match h.faulted() {
-            Some(Fault::DType) => Some(self.err(
-                op,
-                format!(
-                    "dtype {:?} is not supported (u8, u32, i64, bf16, f16, f32, f64)",
-                    t.dtype()
-                ),
-            )),
-            Some(Fault::TooManyDims) => Some(self.err(
-                op,
-                format!(
-                    "shape {:?} has more than {} dimensions",
-                    t.dims(),
-                    header::MAX_DIMS
-                ),
-            )),
-            _ => None,
-        };
+        let e = header::tensor_error(op, self.rank, &h, t);
         (h, e)
     }
 }
@@ -446,48 +425,17 @@ impl Collective for MpiCollective {
 impl MpiCollective {
     fn all_to_all_checks(&self, chunks: &[Tensor]) -> (Header, Option<Error>) {
         let op = Op::AllToAll;
+        let local = |c: &Tensor| self.local_checks(op, c);
+        if let Some(fault) = header::all_to_all_chunks(self.rank, self.world, chunks, local) {
+            return fault;
+        }
         let h = Header::new(op, 0);
-        if chunks.len() != self.world {
-            let e = self.err(
-                op,
-                format!(
-                    "{} chunks for a world of {} ranks (one per rank)",
-                    chunks.len(),
-                    self.world
-                ),
-            );
-            return (h.fault(Fault::ChunkCount), Some(e));
-        }
-        for (i, c) in chunks.iter().enumerate() {
-            if c.rank() == 0 {
-                let e = self.err(op, format!("chunk {i} is a scalar; chunks need rows"));
-                return (h.fault(Fault::Rows), Some(e));
-            }
-            if c.dims()[1..] != chunks[0].dims()[1..] || c.dtype() != chunks[0].dtype() {
-                let e = self.err(
-                    op,
-                    format!(
-                        "chunk {i} is {:?} {:?} where chunk 0 is {:?} {:?}",
-                        c.dtype(),
-                        c.dims(),
-                        chunks[0].dtype(),
-                        chunks[0].dims()
-                    ),
-                );
-                return (h.fault(Fault::ChunkShapes), Some(e));
-            }
-            let (ch, e) = self.local_checks(op, c);
-            if let Some(fault) = ch.faulted() {
-                return (h.fault(fault), e);
-            }
-        }
         let total: usize = chunks.iter().map(Tensor::elem_count).sum();
         if Count::try_from(total).is_err() {
             let e = self.err(op, format!("{total} elements exceed MPI's 32-bit counts"));
             return (h.fault(Fault::TooLarge), Some(e));
         }
-        let first = &chunks[0];
-        (h.describe(first.dtype(), &first.dims()[1..]), None)
+        (header::all_to_all_header(chunks), None)
     }
 
     fn abort_with(&self, reason: &str) -> ! {

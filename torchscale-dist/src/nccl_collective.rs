@@ -229,11 +229,7 @@ impl NcclCollective {
     }
 
     fn err(&self, op: Op, reason: impl Into<String>) -> Error {
-        Error::Collective {
-            op: op.name().into(),
-            rank: self.rank,
-            reason: reason.into(),
-        }
+        header::op_error(op, self.rank, reason)
     }
 
     /// The communicator, unless this rank aborted it.
@@ -275,24 +271,7 @@ impl NcclCollective {
             );
             return (h.fault(Fault::Device), Some(e));
         }
-        let e = match h.faulted() {
-            Some(Fault::DType) => Some(self.err(
-                op,
-                format!(
-                    "dtype {:?} is not supported (u8, u32, i64, bf16, f16, f32, f64)",
-                    t.dtype()
-                ),
-            )),
-            Some(Fault::TooManyDims) => Some(self.err(
-                op,
-                format!(
-                    "shape {:?} has more than {} dimensions",
-                    t.dims(),
-                    header::MAX_DIMS
-                ),
-            )),
-            _ => None,
-        };
+        let e = header::tensor_error(op, self.rank, &h, t);
         (h, e)
     }
 
@@ -404,44 +383,11 @@ impl NcclCollective {
     }
 
     fn all_to_all_checks(&self, chunks: &[Tensor]) -> (Header, Option<Error>) {
-        let op = Op::AllToAll;
-        let h = Header::new(op, 0);
-        if chunks.len() != self.world {
-            let e = self.err(
-                op,
-                format!(
-                    "{} chunks for a world of {} ranks (one per rank)",
-                    chunks.len(),
-                    self.world
-                ),
-            );
-            return (h.fault(Fault::ChunkCount), Some(e));
+        let local = |c: &Tensor| self.local_checks(Op::AllToAll, c);
+        match header::all_to_all_chunks(self.rank, self.world, chunks, local) {
+            None => (header::all_to_all_header(chunks), None),
+            Some(fault) => fault,
         }
-        for (i, c) in chunks.iter().enumerate() {
-            if c.rank() == 0 {
-                let e = self.err(op, format!("chunk {i} is a scalar; chunks need rows"));
-                return (h.fault(Fault::Rows), Some(e));
-            }
-            if c.dims()[1..] != chunks[0].dims()[1..] || c.dtype() != chunks[0].dtype() {
-                let e = self.err(
-                    op,
-                    format!(
-                        "chunk {i} is {:?} {:?} where chunk 0 is {:?} {:?}",
-                        c.dtype(),
-                        c.dims(),
-                        chunks[0].dtype(),
-                        chunks[0].dims()
-                    ),
-                );
-                return (h.fault(Fault::ChunkShapes), Some(e));
-            }
-            let (ch, e) = self.local_checks(op, c);
-            if let Some(fault) = ch.faulted() {
-                return (h.fault(fault), e);
-            }
-        }
-        let first = &chunks[0];
-        (h.describe(first.dtype(), &first.dims()[1..]), None)
     }
 
     fn abort_with(&self, reason: &str) -> ! {
