@@ -98,14 +98,46 @@ pub(crate) fn matmul(
     // SAFETY: every index the product touches was bounds-checked above; `dst` is borrowed
     // mutably, so it cannot alias `a` or `b`.
     unsafe {
+        raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            ld,
+            accumulate,
+            a,
+            b,
+            scale,
+            par,
+        )
+    };
+    Ok(())
+}
+
+/// gemm's `dst = scale * a @ b (+ dst if read_dst)` with `dst` row-major of row stride `ld`.
+///
+/// # Safety
+/// `dst` holds `(m - 1) * ld + n` writable elements that alias neither operand, and the operands
+/// hold `[m, k]` and `[k, n]` under their strides; `dst` is read only when `read_dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ld: usize,
+    read_dst: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: the caller's promise.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             ld as isize,
-            accumulate,
+            read_dst,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
@@ -120,7 +152,6 @@ pub(crate) fn matmul(
             par,
         );
     }
-    Ok(())
 }
 
 /// A fresh `[m, n]` row-major buffer holding `scale * a @ b`, never zero-filled first: the product
@@ -149,28 +180,17 @@ pub(crate) fn product(
     // SAFETY: the operands were bounds-checked above and `dst` holds `m * n` elements with row
     // stride `n`; with `read_dst` false the product never reads `dst`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        raw(
+            (m, n, k),
             dst.as_mut_ptr().cast::<f32>(),
-            1,
-            n as isize,
+            n,
             false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
+            a,
+            b,
             scale,
-            false,
-            false,
-            false,
             par,
-        );
-    }
+        )
+    };
     Ok(assume_written(dst))
 }
 
