@@ -8,6 +8,7 @@
 
 mod support;
 use support as mpi_launch;
+use support::checks::{data, expect, flat, reason, rows_between, sum_ref};
 
 use std::process::ExitCode;
 
@@ -81,36 +82,9 @@ const CHECKS: &[(&str, Check)] = &[
     ("an invalid call fails on every rank", invalid_call),
 ];
 
-/// What rank `rank` holds for `seed`: exact multiples of 1/4.
-fn data(rank: usize, seed: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((rank * 7 + seed * 13 + i * 3) % 17) as f32 * 0.25 - 2.0)
-        .collect()
-}
-
 fn tensor(rank: usize, seed: usize, dims: &[usize]) -> Result<Tensor> {
     let n = dims.iter().product();
     Ok(Tensor::from_vec(data(rank, seed, n), dims, &Device::Cpu)?)
-}
-
-fn sum_ref(world: usize, seed: usize, n: usize) -> Vec<f32> {
-    (0..world).fold(vec![0.0; n], |acc, r| {
-        acc.iter()
-            .zip(data(r, seed, n))
-            .map(|(a, b)| a + b)
-            .collect()
-    })
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-}
-
-fn expect<T: PartialEq + std::fmt::Debug>(what: &str, got: T, want: T) -> Result<()> {
-    if got != want {
-        return Err(Error::invalid(what, format!("got {got:?}, want {want:?}")));
-    }
-    Ok(())
 }
 
 fn rank_and_size(c: &MpiCollective) -> Result<()> {
@@ -188,11 +162,6 @@ fn reduce_scatter(c: &MpiCollective) -> Result<()> {
     )
 }
 
-/// Rows `from` sends to `to`: uneven, and zero for some pairs at every world size used.
-fn rows_between(from: usize, to: usize) -> usize {
-    (from * 2 + to * 3) % 4
-}
-
 fn all_to_all_uneven(c: &MpiCollective) -> Result<()> {
     let (me, w) = (c.rank(), c.world_size());
     let chunks = (0..w)
@@ -253,16 +222,6 @@ fn sequence(c: &MpiCollective) -> Result<()> {
     // Step s sums to 1000 * (0 + 1 + ... + (w-1)) + w * s.
     let ranks = w * (w - 1.0) / 2.0;
     expect("sum over steps", acc, 100.0 * 1000.0 * ranks + w * 4950.0)
-}
-
-fn reason(r: Result<Tensor>) -> Result<String> {
-    match r {
-        Err(Error::Collective { reason, .. }) => Ok(reason),
-        other => Err(Error::invalid(
-            "result",
-            format!("expected Error::Collective, got {other:?}"),
-        )),
-    }
 }
 
 fn mismatched_shapes(c: &MpiCollective) -> Result<()> {

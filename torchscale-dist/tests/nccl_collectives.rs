@@ -9,6 +9,7 @@
 //! included), so sums are exact in any order and compared bitwise.
 
 mod support;
+use support::checks::{data, expect, flat, reason, rows_between, sum_ref};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -158,36 +159,9 @@ const CHECKS: &[(&str, Check)] = &[
     ("an invalid call fails on every rank", invalid_call),
 ];
 
-/// What rank `rank` holds for `seed`: exact multiples of 1/4 in [-2, 2].
-fn data(rank: usize, seed: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((rank * 7 + seed * 13 + i * 3) % 17) as f32 * 0.25 - 2.0)
-        .collect()
-}
-
 fn tensor(c: &NcclCollective, rank: usize, seed: usize, dims: &[usize]) -> Result<Tensor> {
     let n = dims.iter().product();
     Ok(Tensor::from_vec(data(rank, seed, n), dims, c.device())?)
-}
-
-fn sum_ref(world: usize, seed: usize, n: usize) -> Vec<f32> {
-    (0..world).fold(vec![0.0; n], |acc, r| {
-        acc.iter()
-            .zip(data(r, seed, n))
-            .map(|(a, b)| a + b)
-            .collect()
-    })
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-}
-
-fn expect<T: PartialEq + std::fmt::Debug>(what: &str, got: T, want: T) -> Result<()> {
-    if got != want {
-        return Err(Error::invalid(what, format!("got {got:?}, want {want:?}")));
-    }
-    Ok(())
 }
 
 fn rank_and_size(c: &NcclCollective) -> Result<()> {
@@ -264,11 +238,6 @@ fn reduce_scatter(c: &NcclCollective) -> Result<()> {
     Ok(())
 }
 
-/// Rows `from` sends to `to`: uneven, and zero for some pairs at every world size used.
-fn rows_between(from: usize, to: usize) -> usize {
-    (from * 2 + to * 3) % 4
-}
-
 fn all_to_all_uneven(c: &NcclCollective) -> Result<()> {
     let (me, w) = (c.rank(), c.world_size());
     let chunks = (0..w)
@@ -332,16 +301,6 @@ fn sequence(c: &NcclCollective) -> Result<()> {
     }
     let ranks = w * (w - 1.0) / 2.0;
     expect("sum over steps", acc, 100.0 * 1000.0 * ranks + w * 4950.0)
-}
-
-fn reason<T: std::fmt::Debug>(r: Result<T>) -> Result<String> {
-    match r {
-        Err(Error::Collective { reason, .. }) => Ok(reason),
-        other => Err(Error::invalid(
-            "result",
-            format!("expected Error::Collective, got {other:?}"),
-        )),
-    }
 }
 
 fn mismatched_shapes(c: &NcclCollective) -> Result<()> {

@@ -1,5 +1,7 @@
 //! Starting this test binary under mpirun, as a normal `cargo test` does, and reading the result.
 
+pub mod checks;
+
 use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
