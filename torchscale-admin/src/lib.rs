@@ -155,12 +155,18 @@ impl AdminBuilder {
 }
 
 /// Where [`Admin`] stores ω of a site, next to the site's LayerNorm: `self_attn_residual`,
-/// `encoder_attn_residual`, `ffn_residual` (key `<prefix>.omega`).
-pub fn omega_prefix(site: Site) -> &'static str {
+/// `encoder_attn_residual`, `ffn_residual` (key `<prefix>.omega`); a custom site `name` (its norm
+/// key) stores it under `name` with a `_layer_norm` suffix replaced by `_residual`.
+pub fn omega_prefix(site: Site) -> std::borrow::Cow<'static, str> {
     match site {
-        Site::SelfAttention => "self_attn_residual",
-        Site::CrossAttention => "encoder_attn_residual",
-        Site::FeedForward => "ffn_residual",
+        Site::SelfAttention => "self_attn_residual".into(),
+        Site::CrossAttention => "encoder_attn_residual".into(),
+        Site::FeedForward => "ffn_residual".into(),
+        Site::Custom(name) => format!(
+            "{}_residual",
+            name.strip_suffix("_layer_norm").unwrap_or(name)
+        )
+        .into(),
     }
 }
 

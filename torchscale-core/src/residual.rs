@@ -136,6 +136,10 @@ pub enum Site {
     CrossAttention,
     /// Feed-forward or MoE (`final_layer_norm`).
     FeedForward,
+    /// A site of a sublayer kind defined outside torchscale (a retention block, say); its
+    /// LayerNorm is keyed by the given name. Techniques treat it as they treat a feed-forward
+    /// site for wiring and give it no inner norm and no init gain unless they know it.
+    Custom(&'static str),
 }
 
 impl Site {
@@ -145,6 +149,7 @@ impl Site {
             Site::SelfAttention => "self_attn_layer_norm",
             Site::CrossAttention => "encoder_attn_layer_norm",
             Site::FeedForward => "final_layer_norm",
+            Site::Custom(name) => name,
         }
     }
 }

@@ -72,7 +72,9 @@ impl ChoiceStatus {
 pub struct Routing {
     /// Number of experts E.
     pub num_experts: usize,
-    /// Choices per token (1 or 2).
+    /// Choice slots per token: 1 or 2 for GShard / X-MoE, `k` for dropless top-k, `E` for
+    /// expert-choice routing (slot `j` of a token stands for expert `j`, kept when that expert
+    /// picked the token).
     pub k: usize,
     /// Slots per expert.
     pub capacity: usize,
@@ -145,12 +147,30 @@ pub struct RouteOptions<'a> {
     pub seed: Option<u64>,
 }
 
-/// Maps token features `[S, C]` to expert choices with capacity.
+/// Maps token features `[S, C]` to expert choices: the plug-in seam of the MoE layer.
+///
+/// A router owns its gate parameters (built from a `VarBuilder` under `moe_layer.gate`), decides
+/// on the host which expert slot each token takes, and keeps the combine weights and the balance
+/// loss in candle's graph so that the gate is trained. The MoE layer only reads the returned
+/// [`Routing`], so any implementation (top-k with capacity, dropless, expert-choice, one written
+/// in user code) runs in it unchanged.
 pub trait Router: Send + Sync {
     /// Number of experts E.
     fn num_experts(&self) -> usize;
-    /// Choices per token (1 for top-1, 2 for top-2).
+    /// Choice slots per token in the returned [`Routing::k`].
     fn top_k(&self) -> usize;
     /// Routes `x: [S, C]`.
     fn route(&self, x: &Tensor, opts: &RouteOptions) -> Result<Routing>;
+    /// A short name for logs and reports.
+    fn name(&self) -> &str {
+        "router"
+    }
+    /// Reseeds the router's own random draws (a trainer calls it once per step so that a step
+    /// is a function of its seed). No-op for deterministic routers.
+    fn reseed(&self, _seed: u64) {}
+    /// Work done before each training forward; X-MoE rescales its expert embeddings here as
+    /// torchscale does. Returns whether anything changed.
+    fn prepare_step(&self) -> Result<bool> {
+        Ok(false)
+    }
 }

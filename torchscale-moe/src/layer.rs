@@ -344,4 +344,20 @@ impl Sublayer for MoeLayer {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         self.forward_ctx(x, ctx, self.layer)
     }
+
+    fn reseed(&self, seed: u64) {
+        Router::reseed(&self.router, seed);
+    }
+
+    fn prepare_step(&self) -> Result<()> {
+        self.renormalize_gate().map(|_| ())
+    }
+
+    fn expert_parameters(&self) -> Vec<Tensor> {
+        MoeLayer::expert_parameters(self)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

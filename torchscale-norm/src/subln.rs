@@ -84,7 +84,7 @@ impl Stabilizer for SubLn {
     fn inner_norm(&self, site: Site) -> bool {
         match site {
             Site::SelfAttention | Site::FeedForward => true,
-            Site::CrossAttention => false,
+            Site::CrossAttention | Site::Custom(_) => false,
         }
     }
 

@@ -219,6 +219,26 @@ impl Router for MoeRouter {
         self.cfg.num_experts
     }
 
+    fn name(&self) -> &str {
+        match (self.cfg.use_xmoe, self.cfg.top1) {
+            (true, true) => "xmoe-top1",
+            (true, false) => "xmoe-top2",
+            (false, true) => "gshard-top1",
+            (false, false) => "gshard-top2",
+        }
+    }
+
+    fn reseed(&self, seed: u64) {
+        MoeRouter::reseed(self, seed);
+    }
+
+    fn prepare_step(&self) -> Result<bool> {
+        match &self.gate {
+            Gate::XMoe(g) => g.rescale_wg(),
+            Gate::Linear(_) => Ok(false),
+        }
+    }
+
     fn top_k(&self) -> usize {
         if self.cfg.top1 {
             1
