@@ -39,6 +39,7 @@ mod cpu;
 pub mod cross_entropy;
 pub mod cuda;
 mod gemm;
+pub mod grouped;
 pub mod layer_norm;
 pub mod linear;
 pub mod linear_act;
@@ -49,6 +50,7 @@ pub mod switch;
 
 pub use activation::{gelu_erf, gelu_erf_composed};
 pub use attention::{attention, attention_composed, attention_packed, AttentionOptions};
+pub use grouped::{grouped_linear, grouped_linear_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
 pub use linear_act::{linear_gelu, linear_gelu_composed};
