@@ -4,6 +4,8 @@
 //! the host as plain vectors; the continuous part (logits, probabilities, combine weights, the
 //! balance loss) stays in candle's graph so that the gate receives gradients.
 
+use std::any::Any;
+
 use candle_core::Tensor;
 
 use crate::Result;
@@ -172,5 +174,17 @@ pub trait Router: Send + Sync {
     /// torchscale does. Returns whether anything changed.
     fn prepare_step(&self) -> Result<bool> {
         Ok(false)
+    }
+    /// True when [`Routing::capacity`] depends only on the number of tokens and the train flag
+    /// (torchscale's capacity rule, expert choice), so that ranks routing equally many tokens
+    /// agree on it. An expert-parallel layer exchanges the capacity between ranks before
+    /// sizing its all-to-all buffers when this is false (the safe default).
+    fn uniform_capacity(&self) -> bool {
+        false
+    }
+    /// The concrete router, for callers that need its own API
+    /// (`as_any().and_then(|a| a.downcast_ref::<MyRouter>())`). `None` by default.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
     }
 }

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use torchscale_core::ffn::FfnConfig;
 use torchscale_core::{Activation, Error, Result};
 
+use crate::router::RouterChoice;
+
 /// What happens to a token's second-best expert in top-2 routing (`moe_second_expert_policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -65,6 +67,11 @@ pub struct MoeConfig {
     pub inner_norm: bool,
     /// LayerNorm epsilon of the inner norm.
     pub layernorm_eps: f64,
+    /// The routing family [`crate::MoeLayer::new`] builds (torchscale's capacity routing by
+    /// default; then `top1`, `use_xmoe` and the capacity fields apply). Left out of the
+    /// serialised form when it is the default.
+    #[serde(skip_serializing_if = "RouterChoice::is_capacity")]
+    pub router: RouterChoice,
 }
 
 impl Default for MoeConfig {
@@ -88,6 +95,7 @@ impl Default for MoeConfig {
             dropout: 0.0,
             inner_norm: false,
             layernorm_eps: 1e-5,
+            router: RouterChoice::Capacity,
         }
     }
 }
@@ -129,7 +137,8 @@ impl MoeConfig {
                 return Err(Error::config(field, "must be positive"));
             }
         }
-        if !self.top1 && self.num_experts < 2 {
+        self.router.validate(self.num_experts, "router")?;
+        if self.router.is_capacity() && !self.top1 && self.num_experts < 2 {
             return Err(Error::config(
                 "moe_expert_count",
                 "top-2 gating needs at least 2 experts",
@@ -210,5 +219,33 @@ mod tests {
         assert_eq!(cfg.second_expert_policy, SecondExpertPolicy::Sampling);
         assert!(cfg.top1);
         assert_eq!(cfg.xmoe_routing_dim, 16);
+        assert_eq!(cfg.router, RouterChoice::Capacity);
+    }
+
+    #[test]
+    fn router_choice_is_validated_and_serialised_only_when_set() {
+        let json = serde_json::to_string(&MoeConfig::default()).unwrap();
+        assert!(!json.contains("router"), "{json}");
+        let cfg: MoeConfig =
+            serde_json::from_str(r#"{"num_experts": 4, "router": {"kind": "dropless", "k": 3}}"#)
+                .unwrap();
+        assert_eq!(cfg.router, RouterChoice::Dropless { k: 3 });
+        cfg.validate().unwrap();
+        let err = MoeConfig {
+            router: RouterChoice::Dropless { k: 5 },
+            num_experts: 4,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("router.k"), "{err}");
+        // One expert is fine for dropless top-1 (the top-2 rule is capacity routing's).
+        MoeConfig {
+            router: RouterChoice::Dropless { k: 1 },
+            num_experts: 1,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
     }
 }

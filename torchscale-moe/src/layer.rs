@@ -12,8 +12,8 @@ use torchscale_core::{
 
 use crate::config::MoeConfig;
 use crate::dispatch::{dense_combine, dense_dispatch_mask, DispatchPlan};
-use crate::parallel::{local_experts, CollectiveComm, ExpertComm};
-use crate::router::{Gate, MoeRouter};
+use crate::parallel::{agree_capacity, local_experts, CollectiveComm, ExpertComm};
+use crate::router::{build_router, DroplessRouter, ExpertChoiceRouter, Gate, MoeRouter};
 
 /// What one MoE call returns.
 #[derive(Debug, Clone)]
@@ -33,9 +33,14 @@ pub struct MoeOutput {
 ///
 /// Each expert is a feed-forward block; its `fc1`/`fc2` init is multiplied by the `expert_gain`
 /// given at construction (DeepNorm's β, Sub-LN's γ).
+///
+/// The router is a plug-in: any [`Router`] (the layer only reads the [`Routing`] it returns).
+/// [`MoeLayer::new`] builds the one `cfg.router` names ([`crate::RouterChoice`]);
+/// [`MoeLayer::with_router`] and [`MoeLayer::expert_parallel_with_router`] take one built by the
+/// caller, by convention with its parameters under the layer's `vb.pp("gate")`.
 pub struct MoeLayer {
     cfg: MoeConfig,
-    router: MoeRouter,
+    router: Box<dyn Router>,
     experts: Vec<FeedForward>,
     local: Range<usize>,
     comm: Option<Arc<dyn ExpertComm>>,
@@ -46,6 +51,7 @@ impl std::fmt::Debug for MoeLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MoeLayer")
             .field("cfg", &self.cfg)
+            .field("router", &self.router.name())
             .field("local_experts", &self.local)
             .field("layer", &self.layer)
             .finish()
@@ -53,17 +59,38 @@ impl std::fmt::Debug for MoeLayer {
 }
 
 impl MoeLayer {
-    /// A single-process layer holding all `E` experts.
+    /// A single-process layer holding all `E` experts, routed by the router `cfg.router`
+    /// names (built under `vb.pp("gate")` by [`build_router`]).
     pub fn new(cfg: MoeConfig, expert_gain: f64, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
+        let router = build_router(&cfg.router, &cfg, vb.pp("gate"))?;
+        Self::with_router(cfg, router, expert_gain, vb)
+    }
+
+    /// A single-process layer routed by `router`, any [`Router`] (one written in user code
+    /// included); `cfg.router` is ignored. Build the router's parameters with `vb.pp("gate")`
+    /// so that checkpoints keep torchscale's layout. Errors when the router's expert count is
+    /// not `cfg.num_experts`.
+    pub fn with_router(
+        cfg: MoeConfig,
+        router: Box<dyn Router>,
+        expert_gain: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        cfg.validate()?;
         let e = cfg.num_experts;
-        Self::build(cfg, expert_gain, vb, 0..e, None)
+        Self::build(cfg, router, expert_gain, vb, 0..e, None)
     }
 
     /// An expert-parallel layer: this rank holds experts `rank * E / W .. (rank + 1) * E / W`
     /// (under their global names `experts.{j}`, so one checkpoint serves every rank) and
     /// exchanges dispatched tokens through `comm`. Every rank must call `forward` with the same
     /// number of tokens (torchscale pads to the largest count first).
+    ///
+    /// The exchanged buffers hold `capacity` rows per expert, so ranks must agree on it: when
+    /// the router's capacity depends on more than the token count ([`Router::uniform_capacity`]
+    /// is false: dropless routing, most user routers) the ranks first exchange their capacities
+    /// and all use the largest.
     pub fn new_parallel(
         cfg: MoeConfig,
         expert_gain: f64,
@@ -71,8 +98,22 @@ impl MoeLayer {
         comm: Arc<dyn ExpertComm>,
     ) -> Result<Self> {
         cfg.validate()?;
+        let router = build_router(&cfg.router, &cfg, vb.pp("gate"))?;
+        Self::parallel_with_router(cfg, router, expert_gain, vb, comm)
+    }
+
+    /// [`MoeLayer::new_parallel`] with a router built by the caller (see
+    /// [`MoeLayer::with_router`]).
+    pub fn parallel_with_router(
+        cfg: MoeConfig,
+        router: Box<dyn Router>,
+        expert_gain: f64,
+        vb: VarBuilder,
+        comm: Arc<dyn ExpertComm>,
+    ) -> Result<Self> {
+        cfg.validate()?;
         let local = local_experts(cfg.num_experts, comm.world_size(), comm.rank())?;
-        Self::build(cfg, expert_gain, vb, local, Some(comm))
+        Self::build(cfg, router, expert_gain, vb, local, Some(comm))
     }
 
     /// [`MoeLayer::new_parallel`] on any [`torchscale_core::Collective`] (MPI, NCCL, an
@@ -90,14 +131,38 @@ impl MoeLayer {
         Self::new_parallel(cfg, expert_gain, vb, Arc::new(CollectiveComm::new(comm)))
     }
 
+    /// [`MoeLayer::new_expert_parallel`] with a router built by the caller (see
+    /// [`MoeLayer::with_router`]). Every rank builds the same router (the gate is replicated).
+    pub fn expert_parallel_with_router(
+        cfg: MoeConfig,
+        router: Box<dyn Router>,
+        expert_gain: f64,
+        vb: VarBuilder,
+        comm: Arc<dyn torchscale_core::Collective>,
+    ) -> Result<Self> {
+        let comm = Arc::new(CollectiveComm::new(comm));
+        Self::parallel_with_router(cfg, router, expert_gain, vb, comm)
+    }
+
     fn build(
         cfg: MoeConfig,
+        router: Box<dyn Router>,
         expert_gain: f64,
         vb: VarBuilder,
         local: Range<usize>,
         comm: Option<Arc<dyn ExpertComm>>,
     ) -> Result<Self> {
-        let router = MoeRouter::new(&cfg, vb.pp("gate"))?;
+        if router.num_experts() != cfg.num_experts {
+            return Err(Error::config(
+                "router",
+                format!(
+                    "router '{}' routes to {} experts, the layer has moe_expert_count = {}",
+                    router.name(),
+                    router.num_experts(),
+                    cfg.num_experts
+                ),
+            ));
+        }
         let experts = local
             .clone()
             .map(|j| FeedForward::new(cfg.ffn_config(), expert_gain, vb.pp(format!("experts.{j}"))))
@@ -129,13 +194,26 @@ impl MoeLayer {
     }
 
     /// The router (gate + gating rules).
-    pub fn router(&self) -> &MoeRouter {
-        &self.router
+    pub fn router(&self) -> &dyn Router {
+        self.router.as_ref()
     }
 
-    /// The gate network.
-    pub fn gate(&self) -> &Gate {
-        self.router.gate()
+    /// The built-in capacity router, when the layer runs one ([`crate::RouterChoice::Capacity`]).
+    pub fn moe_router(&self) -> Option<&MoeRouter> {
+        self.router.as_any()?.downcast_ref()
+    }
+
+    /// The gate network of a built-in router ([`MoeRouter`], [`DroplessRouter`],
+    /// [`ExpertChoiceRouter`]); `None` for a router of another type.
+    pub fn gate(&self) -> Option<&Gate> {
+        let any = self.router.as_any()?;
+        if let Some(r) = any.downcast_ref::<MoeRouter>() {
+            Some(r.gate())
+        } else if let Some(r) = any.downcast_ref::<DroplessRouter>() {
+            Some(r.gate())
+        } else {
+            any.downcast_ref::<ExpertChoiceRouter>().map(|r| r.gate())
+        }
     }
 
     /// This rank's experts, in global order.
@@ -154,24 +232,26 @@ impl MoeLayer {
         self.local.clone()
     }
 
-    /// torchscale's in-place rescale of the X-MoE expert embeddings `gate.wg` to row norm 1.5
+    /// The router's [`Router::prepare_step`]: for the built-in routers with an X-MoE gate,
+    /// torchscale's in-place rescale of the expert embeddings `gate.wg` to row norm 1.5
     /// (torchscale does it at every forward; it leaves the logits unchanged but sets the
     /// gradient scale of `wg`). Call it before each forward to reproduce torchscale's training
-    /// dynamics. Returns false when there is nothing to rescale.
+    /// dynamics. Returns false when there is nothing to do.
     pub fn renormalize_gate(&self) -> Result<bool> {
-        match self.router.gate() {
-            Gate::XMoe(g) => g.rescale_wg(),
-            Gate::Linear(_) => Ok(false),
-        }
+        self.router.prepare_step()
     }
 
     /// Routes `x: [S, C]` (rows already in the caller's token order) and mixes the experts'
     /// outputs: `out[s] = Σ_kept gate[s, j] · expert_{e_j}(x[s])`; dropped choices add 0.
     pub fn forward(&self, x: &Tensor, opts: &RouteOptions) -> Result<MoeOutput> {
         let routing = self.router.route(x, opts)?;
-        let plan = DispatchPlan::new(&routing)?;
+        let mut plan = DispatchPlan::new(&routing)?;
         let output = match &self.comm {
             Some(comm) if comm.world_size() > 1 => {
+                if !self.router.uniform_capacity() {
+                    // Slots only grow: every kept slot stays below the agreed capacity.
+                    plan.capacity = agree_capacity(comm.as_ref(), plan.capacity, x.device())?;
+                }
                 self.parallel_experts(x, &plan, &routing, comm.as_ref(), opts.train)?
             }
             _ => self.local_experts_compact(x, &plan, &routing, opts.train)?,
@@ -346,7 +426,7 @@ impl Sublayer for MoeLayer {
     }
 
     fn reseed(&self, seed: u64) {
-        Router::reseed(&self.router, seed);
+        self.router.reseed(seed);
     }
 
     fn prepare_step(&self) -> Result<()> {

@@ -56,7 +56,9 @@ pub use config::{MoeConfig, SecondExpertPolicy};
 pub use dispatch::DispatchPlan;
 pub use layer::{MoeLayer, MoeOutput};
 pub use parallel::{CollectiveComm, ExpertComm, InProcessGroup, SingleProcess};
-pub use router::{Gate, MoeRouter, XMoeGate};
+pub use router::{
+    build_router, DroplessRouter, ExpertChoiceRouter, Gate, MoeRouter, RouterChoice, XMoeGate,
+};
 pub use torchscale_core::router::ChoiceStatus;
 
 // What the API takes and returns, so that this crate is the only dependency a user needs.
@@ -75,7 +77,8 @@ pub use torchscale_core::{
 /// standard `Result` is not shadowed).
 pub mod prelude {
     pub use crate::{
-        ExpertComm, MoeConfig, MoeLayer, MoeOutput, MoeRouter, SecondExpertPolicy, SingleProcess,
+        build_router, DroplessRouter, ExpertChoiceRouter, ExpertComm, MoeConfig, MoeLayer,
+        MoeOutput, MoeRouter, RouterChoice, SecondExpertPolicy, SingleProcess,
     };
     pub use torchscale_core::prelude::*;
     pub use torchscale_core::{Routing, RoutingStats};

@@ -184,6 +184,26 @@ impl ExpertComm for InProcessGroup {
     }
 }
 
+/// The largest of every rank's `capacity`: one all-to-all of a `[1, 1]` f32 tensor on `device`
+/// (exact below 2^24), outside the autograd graph. Every rank must call it at the same point.
+pub(crate) fn agree_capacity(
+    comm: &dyn ExpertComm,
+    capacity: usize,
+    device: &candle_core::Device,
+) -> Result<usize> {
+    let mine = Tensor::full(capacity as f32, (1, 1), device)?;
+    let all = comm.all_to_all(vec![mine; comm.world_size()])?;
+    let mut best = capacity;
+    for t in all {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        match v.as_slice() {
+            [c] if c.is_finite() && *c >= 0.0 => best = best.max(*c as usize),
+            _ => return Err(Error::shape("capacity exchange", "[1, 1]", t.dims())),
+        }
+    }
+    Ok(best)
+}
+
 /// The experts owned by `rank`: `rank * E / W .. (rank + 1) * E / W`.
 pub fn local_experts(
     num_experts: usize,
@@ -235,6 +255,21 @@ mod tests {
         // Rank r receives 10 from + r from each rank.
         assert_eq!(got[0], vec![0.0, 10.0, 20.0]);
         assert_eq!(got[2], vec![2.0, 12.0, 22.0]);
+    }
+
+    #[test]
+    fn ranks_agree_on_the_largest_capacity() {
+        let group = InProcessGroup::new(3);
+        let got: Vec<usize> = std::thread::scope(|sc| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|g| {
+                    sc.spawn(move || agree_capacity(g, [4, 9, 2][g.rank()], &Device::Cpu).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, vec![9, 9, 9]);
     }
 
     #[test]

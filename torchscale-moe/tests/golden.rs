@@ -71,6 +71,7 @@ fn moe_config(cfg: &Value) -> MoeConfig {
         dropout: get("dropout").as_f64().unwrap(),
         inner_norm: get("subln").as_bool().unwrap(),
         layernorm_eps: get("layernorm_eps").as_f64().unwrap(),
+        router: torchscale_moe::RouterChoice::Capacity,
     }
     .validated()
     .unwrap()

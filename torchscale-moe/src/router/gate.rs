@@ -48,6 +48,15 @@ impl Gate {
             Gate::XMoe(g) => g.logits(x, gating_dtype),
         }
     }
+
+    /// X-MoE's in-place rescale of the expert embeddings ([`XMoeGate::rescale_wg`]); false
+    /// (nothing to do) for the linear gate.
+    pub fn rescale_wg(&self) -> Result<bool> {
+        match self {
+            Gate::XMoe(g) => g.rescale_wg(),
+            Gate::Linear(_) => Ok(false),
+        }
+    }
 }
 
 /// Replaces NaN and ±inf by the smallest finite entry, so that argmax never sees NaN

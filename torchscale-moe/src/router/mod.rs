@@ -4,7 +4,11 @@
 //! probabilities; the combine weights are gathered from the probability tensor so that they stay
 //! in candle's graph.
 
+pub mod choice;
+pub mod dropless;
+pub mod expert_choice;
 mod gate;
+pub(crate) mod scores;
 pub(crate) mod top1;
 pub(crate) mod top2;
 pub mod xmoe;
@@ -18,12 +22,16 @@ use torchscale_core::init::{seeded_rng, SeededRng};
 use torchscale_core::router::ChoiceStatus;
 use torchscale_core::{Error, Result, RouteOptions, Router, Routing, RoutingStats};
 
+pub use choice::{build_router, RouterChoice};
+pub use dropless::DroplessRouter;
+pub use expert_choice::ExpertChoiceRouter;
 pub use gate::Gate;
 pub use xmoe::XMoeGate;
 
 use crate::balance_loss::balance_loss;
 use crate::capacity::capacity;
 use crate::config::{MoeConfig, SecondExpertPolicy};
+use scores::{gating_dtype, gating_eps, mean_entropy, padding_flags, Scores};
 
 /// The host-side result of top-1/top-2 assignment.
 #[derive(Debug, Clone)]
@@ -68,7 +76,7 @@ pub(crate) fn argmax(v: &[f64], exclude: Option<usize>) -> usize {
 }
 
 /// FNV-1a, to derive a distinct default seed per layer from its parameter prefix.
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
@@ -93,6 +101,12 @@ impl MoeRouter {
     /// neither uniforms nor a seed) is seeded from the parameter prefix; see [`Self::reseed`].
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
+        if !cfg.top1 && cfg.num_experts < 2 {
+            return Err(Error::config(
+                "moe_expert_count",
+                "top-2 gating needs at least 2 experts",
+            ));
+        }
         let seed = fnv1a(&vb.prefix());
         Ok(Self {
             gate: Gate::new(cfg, vb)?,
@@ -128,15 +142,6 @@ impl MoeRouter {
             self.cfg.eval_capacity_token_fraction,
             self.cfg.capacity_factor,
         )
-    }
-
-    /// The dtype of the gating math for input of dtype `dt`.
-    fn gating_dtype(&self, dt: DType) -> DType {
-        if dt == DType::F64 || !self.cfg.gating_use_fp32 {
-            dt
-        } else {
-            DType::F32
-        }
     }
 
     /// The uniforms the second-expert policy needs: `[S]` (random), `[S, E]` (sampling) or
@@ -186,34 +191,6 @@ impl MoeRouter {
     }
 }
 
-/// `[S]` padding flags from an optional mask.
-fn padding_flags(padding: Option<&Tensor>, s: usize) -> Result<Vec<bool>> {
-    match padding {
-        None => Ok(vec![false; s]),
-        Some(p) => {
-            if p.elem_count() != s || p.rank() > 1 {
-                return Err(Error::shape("padding", format!("[{s}]"), p.dims()));
-            }
-            let v = p.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            Ok(v.into_iter().map(|x| x != 0.0).collect())
-        }
-    }
-}
-
-/// Mean entropy of the rows of `probs` (`[S, E]` row-major), in nats.
-fn mean_entropy(probs: &[f64], e: usize) -> f64 {
-    let s = probs.len() / e;
-    if s == 0 {
-        return 0.0;
-    }
-    let total: f64 = probs
-        .iter()
-        .filter(|&&p| p > 0.0)
-        .map(|&p| -p * p.ln())
-        .sum();
-    total / s as f64
-}
-
 impl Router for MoeRouter {
     fn num_experts(&self) -> usize {
         self.cfg.num_experts
@@ -233,10 +210,15 @@ impl Router for MoeRouter {
     }
 
     fn prepare_step(&self) -> Result<bool> {
-        match &self.gate {
-            Gate::XMoe(g) => g.rescale_wg(),
-            Gate::Linear(_) => Ok(false),
-        }
+        self.gate.rescale_wg()
+    }
+
+    fn uniform_capacity(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn top_k(&self) -> usize {
@@ -253,28 +235,16 @@ impl Router for MoeRouter {
             return Err(Error::shape("x", "[S, C] with S > 0", x.dims()));
         }
         let e = self.cfg.num_experts;
-        let gdt = self.gating_dtype(x.dtype());
-        let logits = self.gate.logits(x, gdt)?;
-        let mut logits_h = logits
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let logits = gate::make_finite(&logits, &mut logits_h)?;
-        let probs = torchscale_kernels::softmax_last_dim(&logits)?;
-        let probs_h = probs
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let gdt = gating_dtype(x.dtype(), self.cfg.gating_use_fp32);
+        let Scores {
+            logits,
+            logits_h,
+            probs,
+            probs_h,
+        } = Scores::new(&self.gate, x, gdt)?;
         let padding = padding_flags(opts.padding, s)?;
         let cap = self.capacity(s, opts.train);
-        let eps = match gdt {
-            DType::F64 => f64::EPSILON,
-            DType::F32 => f32::EPSILON as f64,
-            // torch.finfo(bfloat16 / float16).eps.
-            DType::BF16 => 2f64.powi(-7),
-            DType::F16 => 2f64.powi(-10),
-            _ => f32::EPSILON as f64,
-        };
+        let eps = gating_eps(gdt);
         let a = if self.cfg.top1 {
             top1::assign(&probs_h, &logits_h, e, cap, &padding)
         } else {
@@ -324,8 +294,7 @@ impl MoeRouter {
         let dev = probs.device();
         let idx = Tensor::from_slice(&a.expert, (s, a.k), dev)?;
         let g = probs.gather(&idx, 1)?;
-        let kept: Vec<u8> = a.status.iter().map(|st| st.is_kept() as u8).collect();
-        let kept = Tensor::from_vec(kept, (s, a.k), dev)?.to_dtype(probs.dtype())?;
+        let kept = scores::kept_mask(&a.status, s, a.k, probs)?;
         if a.k == 1 {
             return Ok((g * kept)?);
         }
@@ -371,11 +340,5 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0], None), 1);
         assert_eq!(argmax(&[1.0, 3.0, 3.0], Some(1)), 2);
         assert_eq!(argmax(&[5.0, 3.0], Some(0)), 1);
-    }
-
-    #[test]
-    fn entropy_of_uniform_rows_is_ln_e() {
-        let p = [0.25; 8];
-        assert!((mean_entropy(&p, 4) - 4f64.ln()).abs() < 1e-12);
     }
 }
