@@ -48,6 +48,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dispatch;
+mod grouped;
 pub mod layer;
 pub mod parallel;
 pub mod router;
