@@ -8,8 +8,13 @@
 //! - [`MoeConfig`]: the `moe_*` fields and the experts' feed-forward settings.
 //! - [`MoeRouter`]: implements [`torchscale_core::Router`]; routing decisions as indices, combine
 //!   weights and balance loss in the graph.
+//! - Two more routing families: [`DroplessRouter`] (MegaBlocks' dropless top-k, any `k`, no
+//!   capacity) and [`ExpertChoiceRouter`] (experts pick their tokens, Zhou et al. 2022).
+//!   [`MoeConfig::router`] names one ([`RouterChoice`], serde-tagged); [`build_router`] builds it.
 //! - [`MoeLayer`]: `gate.*` + `experts.{j}.*`, [`MoeLayer::forward`] on `[S, C]` rows and
-//!   [`MoeLayer::forward_ctx`] / [`torchscale_core::Sublayer`] on `[B, T, C]`.
+//!   [`MoeLayer::forward_ctx`] / [`torchscale_core::Sublayer`] on `[B, T, C]`. The router is a
+//!   plug-in: [`MoeLayer::with_router`] (and [`MoeLayer::expert_parallel_with_router`]) take any
+//!   `Box<dyn Router>`, one written in user code included.
 //! - [`parallel`]: the expert-parallelism seam ([`ExpertComm`]; [`CollectiveComm`] runs it on
 //!   any [`torchscale_core::Collective`] with [`all_to_all::all_to_all_rows`], differentiable).
 //!
@@ -37,6 +42,13 @@
 //! assert_eq!(out.stats.capacity, 6);
 //! assert!(out.balance_loss.to_scalar::<f32>()? > 0.0);
 //! assert!(store.get("gate.wg").is_some() && store.get("experts.3.fc2.weight").is_some());
+//!
+//! // Dropless top-3: nothing is dropped, every token gets 3 experts.
+//! let router = RouterChoice::Dropless { k: 3 };
+//! let cfg = MoeConfig { embed_dim: 8, ffn_dim: 16, num_experts: 4, router, ..Default::default() };
+//! let moe = MoeLayer::new(cfg, 1.0, ParamStore::new(1).var_builder(DType::F32, &Device::Cpu))?;
+//! let out = moe.forward(&x, &RouteOptions { train: true, ..Default::default() })?;
+//! assert_eq!(out.stats.tokens_per_expert.iter().sum::<usize>(), 12 * 3);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
