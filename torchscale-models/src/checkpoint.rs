@@ -10,15 +10,13 @@ use torchscale_core::{Error, Result};
 
 use crate::layer::Layer;
 
-/// The xPos `scale` buffers of `layers`, keyed as torchscale keys them.
+/// The buffers of `layers`' sublayers (xPos `scale`s), keyed as torchscale keys them:
+/// `{prefix}layers.{i}.{site}.{key}`.
 pub fn layer_buffers(layers: &[Layer], prefix: &str) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
-    for (i, l) in layers.iter().enumerate() {
-        if let Some(x) = l.self_attn().xpos() {
-            out.push((
-                format!("{prefix}layers.{i}.self_attn.xpos.scale"),
-                x.scale_buffer(&Device::Cpu)?,
-            ));
+    for l in layers {
+        for (k, t) in l.buffers()? {
+            out.push((format!("{prefix}layers.{}.{k}", l.index()), t));
         }
     }
     Ok(out)

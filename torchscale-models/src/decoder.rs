@@ -1,15 +1,18 @@
 //! torchscale's `Decoder`, with incremental decoding.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use candle_nn::{Linear, VarBuilder};
 use torchscale_core::attention::{causal_mask, KvCache, RelativePositionBias};
 use torchscale_core::embedding::TokenEmbedding;
 use torchscale_core::layer_norm::LayerNorm;
 use torchscale_core::linear::apply;
-use torchscale_core::{AuxOutput, Branch, Error, Result, Stabilizer};
+use torchscale_core::{AuxOutput, Branch, Ctx, Error, Result, Stabilizer};
 
+use crate::build::StackPlan;
 use crate::embed::EmbeddingStage;
-use crate::layer::{Layer, LayerInputs};
+use crate::layer::Layer;
 use crate::spec::StackSpec;
 
 /// torchscale's `incremental_state`: one self-attention cache per layer and the prompt flag.
@@ -93,14 +96,29 @@ pub struct Decoder {
     cross_rel: Option<RelativePositionBias>,
     output_projection: Option<Linear>,
     spec: StackSpec,
-    stabilizer: Box<dyn Stabilizer>,
+    stabilizer: Arc<dyn Stabilizer>,
+    stabilizers: Vec<Arc<dyn Stabilizer>>,
 }
 
 impl Decoder {
-    /// Builds the decoder under `vb`; `is_encoder_decoder` adds cross-attention.
+    /// Builds the decoder under `vb` with every layer wired by `stabilizer`;
+    /// `is_encoder_decoder` adds cross-attention.
     pub fn from_spec(
         spec: StackSpec,
         stabilizer: Box<dyn Stabilizer>,
+        is_encoder_decoder: bool,
+        tokens: Option<TokenEmbedding>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let plan = StackPlan::uniform(Arc::from(stabilizer), spec.layers);
+        Self::from_plan(spec, plan, is_encoder_decoder, tokens, vb)
+    }
+
+    /// Builds the decoder under `vb` from a [`StackPlan`]: one stabiliser per layer and the
+    /// user's hooks. The final LayerNorm exists when the top layer's stabiliser wants one.
+    pub fn from_plan(
+        spec: StackSpec,
+        plan: StackPlan,
         is_encoder_decoder: bool,
         tokens: Option<TokenEmbedding>,
         vb: VarBuilder,
@@ -114,19 +132,8 @@ impl Decoder {
         }
         let vocab = tokens.as_ref().map(|t| t.vocab_size()).unwrap_or(vocab);
         let embed = EmbeddingStage::new(&spec, false, tokens, vocab, vb.clone())?;
-        let layers = (0..spec.layers)
-            .map(|i| {
-                Layer::new(
-                    &spec,
-                    stabilizer.as_ref(),
-                    i,
-                    is_encoder_decoder,
-                    true,
-                    vb.pp("layers").pp(i),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layer_norm = if stabilizer.final_norm() {
+        let layers = plan.build_layers(&spec, is_encoder_decoder, true, &vb)?;
+        let layer_norm = if plan.final_norm() {
             Some(LayerNorm::new(
                 spec.embed_dim,
                 spec.layernorm_eps,
@@ -166,7 +173,8 @@ impl Decoder {
             cross_rel,
             output_projection,
             spec,
-            stabilizer,
+            stabilizer: plan.stabilizer,
+            stabilizers: plan.layers,
         })
     }
 
@@ -175,9 +183,15 @@ impl Decoder {
         &self.spec
     }
 
-    /// The technique in use.
+    /// The stack's technique (the config's; see [`Decoder::layer_stabilizers`] for a mixed
+    /// stack).
     pub fn stabilizer(&self) -> &dyn Stabilizer {
         self.stabilizer.as_ref()
+    }
+
+    /// The stabiliser of each layer, bottom first.
+    pub fn layer_stabilizers(&self) -> &[Arc<dyn Stabilizer>] {
+        &self.stabilizers
     }
 
     /// The layers.
@@ -196,10 +210,13 @@ impl Decoder {
         crate::randomness::reseed_layers(&self.layers, seed, 1048576);
     }
 
-    /// Rescales every X-MoE gate's `wg` rows to norm 1.5 in place, as torchscale does before each
+    /// Every sublayer's work before a training forward ([`Sublayer::prepare_step`]): X-MoE
+    /// rescales its gate's `wg` rows to norm 1.5 in place, as torchscale does before each
     /// forward; call it before each training forward to follow torchscale's training dynamics.
+    ///
+    /// [`Sublayer::prepare_step`]: torchscale_core::Sublayer::prepare_step
     pub fn renormalize_gates(&self) -> Result<()> {
-        crate::randomness::renormalize_gates(&self.layers)
+        crate::randomness::prepare_layers(&self.layers)
     }
 
     /// The parameters of this stack's MoE experts (empty for a dense stack).
@@ -311,23 +328,25 @@ impl Decoder {
         let mut aux = Vec::new();
         let mut l_aux = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let li = LayerInputs {
-                self_padding_mask: inp.self_attn_padding_mask,
-                self_attn_mask: mask.as_ref(),
-                self_rel_pos: self_rel.as_ref(),
+            let mut ctx = Ctx {
+                train: inp.train,
+                layer: i,
+                branch: Branch::A,
+                key_padding_mask: inp.self_attn_padding_mask,
+                attn_mask: mask.as_ref(),
+                rel_pos: self_rel.as_ref(),
                 memory: inp.memory.map(|m| m.encoder_out),
                 memory_padding_mask: inp.memory.and_then(|m| m.padding_mask),
                 cross_rel_pos: cross_rel.as_ref(),
+                cache: state.as_deref_mut().map(|s| &mut s.layers[i]),
                 is_first_step: first,
-                branch: Branch::A,
-                train: inp.train,
                 moe_uniform: inp.moe_uniforms.get(i).and_then(|u| u.as_ref()),
                 time_major: false,
+                aux: Vec::new(),
             };
-            let cache = state.as_deref_mut().map(|s| &mut s.layers[i]);
-            let before = aux.len();
-            x = layer.forward(&x, &li, cache, &mut aux)?;
-            l_aux.push(aux.get(before).map(|a: &AuxOutput| a.balance_loss.clone()));
+            x = layer.forward(&x, &mut ctx)?;
+            l_aux.push(ctx.aux.first().map(|a: &AuxOutput| a.balance_loss.clone()));
+            aux.append(&mut ctx.aux);
             inner_states.push(x.clone());
         }
         if let Some(s) = state {

@@ -1,15 +1,18 @@
 //! torchscale's `Encoder`.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use torchscale_core::attention::RelativePositionBias;
 use torchscale_core::embedding::TokenEmbedding;
 use torchscale_core::layer_norm::LayerNorm;
 use torchscale_core::linear::apply;
-use torchscale_core::{AuxOutput, Branch, Error, Multiway, Result, Stabilizer};
+use torchscale_core::{AuxOutput, Branch, Ctx, Error, Multiway, Result, Stabilizer};
 
+use crate::build::StackPlan;
 use crate::embed::EmbeddingStage;
-use crate::layer::{Layer, LayerInputs};
+use crate::layer::Layer;
 use crate::spec::StackSpec;
 
 /// Options of one encoder call.
@@ -58,14 +61,30 @@ pub struct Encoder {
     relative_position: Option<RelativePositionBias>,
     output_projection: Option<Linear>,
     spec: StackSpec,
-    stabilizer: Box<dyn Stabilizer>,
+    stabilizer: Arc<dyn Stabilizer>,
+    stabilizers: Vec<Arc<dyn Stabilizer>>,
 }
 
 impl Encoder {
-    /// Builds the encoder under `vb`. `in_encoder_decoder` suppresses the output projection.
+    /// Builds the encoder under `vb` with every layer wired by `stabilizer`.
+    /// `in_encoder_decoder` suppresses the output projection.
     pub fn from_spec(
         spec: StackSpec,
         stabilizer: Box<dyn Stabilizer>,
+        in_encoder_decoder: bool,
+        tokens: Option<TokenEmbedding>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let plan = StackPlan::uniform(Arc::from(stabilizer), spec.layers);
+        Self::from_plan(spec, plan, in_encoder_decoder, tokens, vb)
+    }
+
+    /// Builds the encoder under `vb` from a [`StackPlan`]: one stabiliser per layer and the
+    /// user's hooks. The final LayerNorm exists when the top layer's stabiliser wants one and
+    /// `spec.normalize_output`.
+    pub fn from_plan(
+        spec: StackSpec,
+        plan: StackPlan,
         in_encoder_decoder: bool,
         tokens: Option<TokenEmbedding>,
         vb: VarBuilder,
@@ -79,19 +98,8 @@ impl Encoder {
         }
         let vocab = tokens.as_ref().map(|t| t.vocab_size()).unwrap_or(vocab);
         let embed = EmbeddingStage::new(&spec, spec.multiway, tokens, vocab, vb.clone())?;
-        let layers = (0..spec.layers)
-            .map(|i| {
-                Layer::new(
-                    &spec,
-                    stabilizer.as_ref(),
-                    i,
-                    false,
-                    false,
-                    vb.pp("layers").pp(i),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layer_norm = if stabilizer.final_norm() && spec.normalize_output {
+        let layers = plan.build_layers(&spec, false, false, &vb)?;
+        let layer_norm = if plan.final_norm() && spec.normalize_output {
             Some(Multiway::new(spec.multiway, vb.pp("layer_norm"), |vb| {
                 LayerNorm::new(spec.embed_dim, spec.layernorm_eps, vb)
             })?)
@@ -121,7 +129,8 @@ impl Encoder {
             relative_position,
             output_projection,
             spec,
-            stabilizer,
+            stabilizer: plan.stabilizer,
+            stabilizers: plan.layers,
         })
     }
 
@@ -130,9 +139,15 @@ impl Encoder {
         &self.spec
     }
 
-    /// The technique in use.
+    /// The stack's technique (the config's; see [`Encoder::layer_stabilizers`] for a mixed
+    /// stack).
     pub fn stabilizer(&self) -> &dyn Stabilizer {
         self.stabilizer.as_ref()
+    }
+
+    /// The stabiliser of each layer, bottom first.
+    pub fn layer_stabilizers(&self) -> &[Arc<dyn Stabilizer>] {
+        &self.stabilizers
     }
 
     /// The layers.
@@ -151,9 +166,10 @@ impl Encoder {
         crate::randomness::reseed_layers(&self.layers, seed, 0);
     }
 
-    /// Rescales every X-MoE gate's `wg` rows to norm 1.5 in place (see [`crate::decoder::Decoder::renormalize_gates`]).
+    /// Every sublayer's work before a training forward, such as the X-MoE gate rescale (see
+    /// [`crate::decoder::Decoder::renormalize_gates`]).
     pub fn renormalize_gates(&self) -> Result<()> {
-        crate::randomness::renormalize_gates(&self.layers)
+        crate::randomness::prepare_layers(&self.layers)
     }
 
     /// The parameters of this stack's MoE experts (empty for a dense stack).
@@ -211,19 +227,20 @@ impl Encoder {
         let mut aux = Vec::new();
         let mut l_aux = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let li = LayerInputs {
-                self_padding_mask: Some(&mask),
-                self_attn_mask: attn_mask.as_ref(),
-                self_rel_pos: rel.as_ref(),
-                branch: inp.branch,
+            let mut ctx = Ctx {
                 train: inp.train,
+                layer: i,
+                branch: inp.branch,
+                key_padding_mask: Some(&mask),
+                attn_mask: attn_mask.as_ref(),
+                rel_pos: rel.as_ref(),
                 moe_uniform: inp.moe_uniforms.get(i).and_then(|u| u.as_ref()),
                 time_major: true,
                 ..Default::default()
             };
-            let before = aux.len();
-            x = layer.forward(&x, &li, None, &mut aux)?;
-            l_aux.push(aux.get(before).map(|a: &AuxOutput| a.balance_loss.clone()));
+            x = layer.forward(&x, &mut ctx)?;
+            l_aux.push(ctx.aux.first().map(|a: &AuxOutput| a.balance_loss.clone()));
+            aux.append(&mut ctx.aux);
             if inp.return_all_hiddens {
                 states.push(x.clone());
             }

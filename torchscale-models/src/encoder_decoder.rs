@@ -2,8 +2,11 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use std::sync::Arc;
+
 use torchscale_core::{Result, Stabilizer};
 
+use crate::build::StackPlan;
 use crate::decoder::{Decoder, DecoderInputs, DecoderOutput, Memory};
 use crate::encoder::{Encoder, EncoderInputs, EncoderOutput};
 use crate::spec::StackSpec;
@@ -18,8 +21,8 @@ pub struct EncoderDecoder {
 }
 
 impl EncoderDecoder {
-    /// Builds both stacks under `vb`; with `share_all_embeddings` the decoder reuses the encoder's
-    /// token table.
+    /// Builds both stacks under `vb`, each wired by one stabiliser; with `share_all_embeddings`
+    /// the decoder reuses the encoder's token table.
     pub fn from_specs(
         enc: StackSpec,
         enc_st: Box<dyn Stabilizer>,
@@ -28,13 +31,27 @@ impl EncoderDecoder {
         share_all_embeddings: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let encoder = Encoder::from_spec(enc, enc_st, true, None, vb.pp("encoder"))?;
+        let enc_plan = StackPlan::uniform(Arc::from(enc_st), enc.layers);
+        let dec_plan = StackPlan::uniform(Arc::from(dec_st), dec.layers);
+        Self::from_plans(enc, enc_plan, dec, dec_plan, share_all_embeddings, vb)
+    }
+
+    /// Builds both stacks under `vb` from their [`StackPlan`]s.
+    pub fn from_plans(
+        enc: StackSpec,
+        enc_plan: StackPlan,
+        dec: StackSpec,
+        dec_plan: StackPlan,
+        share_all_embeddings: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let encoder = Encoder::from_plan(enc, enc_plan, true, None, vb.pp("encoder"))?;
         let shared = if share_all_embeddings {
             Some(encoder.embed_tokens().clone())
         } else {
             None
         };
-        let decoder = Decoder::from_spec(dec, dec_st, true, shared, vb.pp("decoder"))?;
+        let decoder = Decoder::from_plan(dec, dec_plan, true, shared, vb.pp("decoder"))?;
         Ok(Self { encoder, decoder })
     }
 
@@ -110,7 +127,8 @@ impl EncoderDecoder {
         self.decoder.reseed(seed);
     }
 
-    /// Rescales the X-MoE gates of both stacks (see [`Decoder::renormalize_gates`]).
+    /// Every sublayer's pre-step work in both stacks, such as the X-MoE gate rescale (see
+    /// [`Decoder::renormalize_gates`]).
     pub fn renormalize_gates(&self) -> Result<()> {
         self.encoder.renormalize_gates()?;
         self.decoder.renormalize_gates()

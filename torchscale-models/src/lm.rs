@@ -35,7 +35,7 @@ use rand::Rng;
 use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_core::{Collective, Error, Result};
 
-use crate::build::{decoder_spec, stabilizer, BuildOptions};
+use crate::build::{decoder_plan, decoder_spec, BuildOptions};
 use crate::checkpoint::{load_into, read_safetensors, serialize, state_tensors};
 use crate::checkpoint_dir;
 use crate::config::DecoderConfig;
@@ -128,12 +128,28 @@ impl LanguageModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let store = ParamStore::new(seed);
-        let vb = store.var_builder(dtype, device);
         let opts = BuildOptions {
             learned_positions: Some(learned_positions),
+            ..Default::default()
         };
-        let model = Decoder::new(&cfg, &opts, vb)?;
+        Self::with_build_options(cfg, &opts, seed, device, dtype)
+    }
+
+    /// A freshly initialised model built with `opts`: the position choice and the
+    /// [hooks](crate::build::StackHooks) that put a stabiliser, router or sublayer defined in
+    /// code into the stack. A checkpoint of such a model loads back with
+    /// [`LanguageModel::load_with`] and the same hooks.
+    pub fn with_build_options(
+        cfg: DecoderConfig,
+        opts: &BuildOptions,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let store = ParamStore::new(seed);
+        let vb = store.var_builder(dtype, device);
+        let model = Decoder::new(&cfg, opts, vb)?;
+        let learned_positions = model.spec().learned_positions;
         Ok(Self {
             cfg,
             store,
@@ -162,6 +178,7 @@ impl LanguageModel {
         let fin = cfg.clone().finalize()?;
         let opts = BuildOptions {
             learned_positions: Some(learned_positions),
+            ..Default::default()
         };
         let mut spec = decoder_spec(&fin, &opts);
         let world = comm.world_size();
@@ -181,14 +198,9 @@ impl LanguageModel {
             ));
         }
         moe.expert_comm = Some(comm);
-        let st = stabilizer(
-            fin.technique(),
-            fin.stack_kind(),
-            &fin.admin_output_change_scale,
-            fin.admin_as_parameter,
-        )?;
+        let plan = decoder_plan(&fin, &spec, &opts)?;
         let store = ParamStore::new(seed);
-        let model = Decoder::from_spec(spec, st, false, None, store.var_builder(dtype, device))?;
+        let model = Decoder::from_plan(spec, plan, false, None, store.var_builder(dtype, device))?;
         Ok(Self {
             cfg,
             store,
@@ -367,6 +379,12 @@ impl LanguageModel {
     /// Loads a checkpoint folder saved by [`LanguageModel::save`] (or a torchscale state_dict
     /// exported the same way): the model, and the trainer state and metadata if present.
     pub fn load(dir: &Path) -> Result<(Self, Option<TrainerFile>)> {
+        Self::load_with(dir, &BuildOptions::default())
+    }
+
+    /// [`LanguageModel::load`] of a model built with `opts` (its hooks); the learned-position
+    /// choice comes from the checkpoint unless `opts` sets it.
+    pub fn load_with(dir: &Path, opts: &BuildOptions) -> Result<(Self, Option<TrainerFile>)> {
         let dir = checkpoint_dir::resolve(dir)?;
         let cfg_path = dir.join(CONFIG_FILE);
         let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File {
@@ -380,7 +398,11 @@ impl LanguageModel {
             Some("false") => false,
             _ => tensors.contains_key("embed_positions.weight"),
         };
-        let lm = Self::with_options(cfg, learned, 0, &Device::Cpu)?;
+        let opts = BuildOptions {
+            learned_positions: Some(opts.learned_positions.unwrap_or(learned)),
+            hooks: opts.hooks.clone(),
+        };
+        let lm = Self::with_build_options(cfg, &opts, 0, &Device::Cpu, DType::F32)?;
         load_into(&lm.store, &tensors, &lm.model.buffers()?, &lm.aliases())?;
         let trainer_path = dir.join(TRAINER_FILE);
         let trainer = if trainer_path.exists() {

@@ -195,7 +195,7 @@ impl PretrainedDir {
     /// `opts` with the learned-position choice filled in: the caller's, else the metadata's,
     /// else whether the weights hold an `embed_positions.weight`.
     pub fn options(&self, opts: &BuildOptions) -> Result<BuildOptions> {
-        let mut o = *opts;
+        let mut o = opts.clone();
         if o.learned_positions.is_none() {
             o.learned_positions = Some(match self.metadata.get("learned_positions") {
                 Some(v) if v == "true" => true,

@@ -7,7 +7,7 @@ use rand::RngCore;
 use torchscale_core::dropout::seed_dropout;
 use torchscale_core::init::seeded_rng;
 
-use crate::layer::{FfnBlock, Layer};
+use crate::layer::Layer;
 
 /// A seed derived from (`seed`, `salt`), for the per-step and per-layer draws of a run: the first
 /// word of ChaCha8 keyed by `seed` on stream `salt` (see [`seeded_rng`]).
@@ -18,38 +18,25 @@ pub fn mix_seed(seed: u64, salt: u64) -> u64 {
     seeded_rng(seed, salt).next_u64()
 }
 
-/// Reseeds this thread's dropout masks and each MoE router of `layers` (router `i` from
-/// `mix_seed(seed, offset + i)`).
+/// Reseeds this thread's dropout masks and the sublayers of `layers` (layer `i`'s from
+/// `mix_seed(seed, offset + i + 1)`, which is what an MoE router has always drawn from).
 pub(crate) fn reseed_layers(layers: &[Layer], seed: u64, offset: u64) {
     seed_dropout(seed);
     for (i, l) in layers.iter().enumerate() {
-        if let FfnBlock::Moe(m) = l.ffn() {
-            m.router().reseed(mix_seed(seed, offset + i as u64 + 1));
-        }
+        l.reseed(mix_seed(seed, offset + i as u64 + 1));
     }
 }
 
-/// torchscale's in-place rescale of every X-MoE gate's `wg` to row norm 1.5, which its gate does
-/// at the start of each forward (it sets the gradient scale of `wg`).
-pub(crate) fn renormalize_gates(layers: &[Layer]) -> torchscale_core::Result<()> {
-    for l in layers {
-        if let FfnBlock::Moe(m) = l.ffn() {
-            m.renormalize_gate()?;
-        }
-    }
-    Ok(())
+/// Every sublayer's work before a training forward: torchscale's in-place rescale of each X-MoE
+/// gate's `wg` to row norm 1.5, which its gate does at the start of each forward (it sets the
+/// gradient scale of `wg`).
+pub(crate) fn prepare_layers(layers: &[Layer]) -> torchscale_core::Result<()> {
+    layers.iter().try_for_each(Layer::prepare_step)
 }
 
-/// The expert parameters of every MoE layer in `layers`.
+/// The expert parameters of every sublayer in `layers`.
 pub(crate) fn expert_parameters(layers: &[Layer]) -> Vec<Tensor> {
-    layers
-        .iter()
-        .filter_map(|l| match l.ffn() {
-            FfnBlock::Moe(m) => Some(m.expert_parameters()),
-            FfnBlock::Dense(_) => None,
-        })
-        .flatten()
-        .collect()
+    layers.iter().flat_map(Layer::expert_parameters).collect()
 }
 
 #[cfg(test)]

@@ -1,23 +1,42 @@
 //! The resolved description of one stack (encoder or decoder), derived from a config once it has
 //! been finalised and validated. The model code reads only this, not the config structs.
 
-use torchscale_core::Activation;
+use torchscale_core::{Activation, StackKind};
 
 /// MoE settings of a stack.
 #[derive(Debug, Clone)]
 pub struct MoeSpec {
-    /// Layer `i` is MoE when `(i + 1) % freq == 0`.
+    /// Layer `i` is MoE when `(i + 1) % freq == 0`, unless `layers` lists the MoE layers.
     pub freq: usize,
-    /// The layer settings (experts, gate, capacity).
+    /// The MoE layers, in place of the `freq` rule (a config's `moe_layers`).
+    pub layers: Option<Vec<usize>>,
+    /// The layer settings (experts, gate, capacity, router) of every MoE layer, except the
+    /// router of those in `layer_routers`.
     pub layer: torchscale_moe::MoeConfig,
+    /// Routers of single MoE layers (a config's `moe_layer_routers`).
+    pub layer_routers: Vec<crate::config::LayerRouter>,
     /// Expert parallelism: the ranks that share the experts (each builds `E / W` of them and
     /// exchanges tokens through this collective); `None` holds every expert here.
     pub expert_comm: Option<std::sync::Arc<dyn torchscale_core::Collective>>,
 }
 
+impl MoeSpec {
+    /// The settings of MoE layer `i`: `layer` with its router from `layer_routers`.
+    pub fn layer_config(&self, i: usize) -> torchscale_moe::MoeConfig {
+        let mut cfg = self.layer.clone();
+        if let Some(r) = self.layer_routers.iter().find(|r| r.layer == i) {
+            cfg.router = r.router.clone();
+        }
+        cfg
+    }
+}
+
 /// Everything a stack needs to be built.
 #[derive(Debug, Clone)]
 pub struct StackSpec {
+    /// The whole stack's shape (an encoder-decoder's sides know both depths); every stabiliser
+    /// of the stack is built for it.
+    pub kind: StackKind,
     /// Width C.
     pub embed_dim: usize,
     /// Heads H.
@@ -69,7 +88,10 @@ pub struct StackSpec {
 impl StackSpec {
     /// Whether layer `i` is an MoE layer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        matches!(&self.moe, Some(m) if m.freq > 0 && (i + 1).is_multiple_of(m.freq))
+        match &self.moe {
+            Some(m) => crate::config::per_layer::is_moe_layer(m.layers.as_deref(), m.freq, i),
+            None => false,
+        }
     }
 
     /// Drop-path rate of layer `i`.

@@ -57,6 +57,7 @@ fn encoder_relpos_multiway() {
         &cfg,
         &BuildOptions {
             learned_positions: Some(true),
+            ..Default::default()
         },
         vb,
     )

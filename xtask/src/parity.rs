@@ -182,6 +182,7 @@ pub(crate) fn build_options(f: &GoldenFile, prefix: &str) -> BuildOptions {
             f.tensors
                 .contains_key(&format!("{prefix}embed_positions.weight")),
         ),
+        ..Default::default()
     }
 }
 

@@ -137,10 +137,6 @@ macro_rules! shared_builders {
             self.bert_init = on;
             self
         }
-        /// Whether layer `i` (0-based) is an MoE layer: `moe_freq != 0 && (i + 1) % moe_freq == 0`.
-        pub fn is_moe_layer(&self, i: usize) -> bool {
-            self.moe_freq != 0 && (i + 1) % self.moe_freq == 0
-        }
         /// Whether the T5 relative-position bias is built (`rel_pos_buckets > 0 && max_rel_pos > 0`).
         pub fn has_relative_position(&self) -> bool {
             self.rel_pos_buckets > 0 && self.max_rel_pos > 0

@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use torchscale_core::{Activation, Result, StackKind};
 
 use super::builders::{linspace_at, shared_builders};
+use super::per_layer::{self, LayerRouter, LayerTechnique};
 use super::validate::{self, shared_view};
 use super::{is_default_scale, is_false, Technique};
+use torchscale_moe::RouterChoice;
 
 /// torchscale's `DecoderConfig` (0.3.0; no `normalize_output`, no image fields): same field names, types and defaults, so a torchscale
 /// config JSON loads as is (unknown keys are ignored, missing keys take the defaults) and
@@ -117,6 +119,19 @@ pub struct DecoderConfig {
     /// instead of torchscale's (false).
     #[serde(skip_serializing_if = "is_false")]
     pub xmoe_paper_routing: bool,
+    /// Extension: techniques for ranges of layers (Mix-LN: Post-LN below, Pre-LN on top);
+    /// layers no entry covers use the config's technique (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_techniques: Vec<LayerTechnique>,
+    /// Extension: the MoE layers (0-based), in place of every `moe_freq`-th (None).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe_layers: Option<Vec<usize>>,
+    /// Extension: the router of every MoE layer (torchscale's capacity routing).
+    #[serde(skip_serializing_if = "RouterChoice::is_capacity")]
+    pub moe_router: RouterChoice,
+    /// Extension: routers of single MoE layers, in place of `moe_router` (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub moe_layer_routers: Vec<LayerRouter>,
 }
 
 impl Default for DecoderConfig {
@@ -166,6 +181,10 @@ impl Default for DecoderConfig {
             admin_output_change_scale: "default".into(),
             admin_as_parameter: false,
             xmoe_paper_routing: false,
+            layer_techniques: Vec::new(),
+            moe_layers: None,
+            moe_router: RouterChoice::Capacity,
+            moe_layer_routers: Vec::new(),
         }
     }
 }
@@ -222,7 +241,26 @@ impl DecoderConfig {
             self.xpos_rel_pos,
         )?;
         validate::positions("max_target_positions", self.max_target_positions)?;
-        let shared = shared_view!(self);
+        per_layer::layer_techniques(
+            "layer_techniques",
+            &self.layer_techniques,
+            self.decoder_layers,
+        )?;
+        per_layer::moe_layers(
+            "moe_layers",
+            self.moe_layers.as_deref(),
+            self.decoder_layers,
+        )?;
+        let shared = shared_view!(self, self.has_moe_layers());
+        per_layer::routers(
+            "moe_router",
+            &self.moe_router,
+            "moe_layer_routers",
+            &self.moe_layer_routers,
+            self.moe_expert_count,
+            self.has_moe_layers(),
+            |i| self.is_moe_layer(i),
+        )?;
         // Unlike the encoder, torchscale's decoder allows multiway with MoE: its multiway only
         // duplicates the attention projections, never the FFN.
         validate::shared(&shared)?;
@@ -314,14 +352,54 @@ impl DecoderConfig {
             (self.decoder_embed_dim as f64).sqrt()
         }
     }
-    /// Whether the stack ends with a LayerNorm (`decoder_normalize_before`; a decoder has no
-    /// `normalize_output`).
+    /// Whether the stack ends with a LayerNorm: when its top layer is Pre-LN wired
+    /// (`decoder_normalize_before`, or the `layer_techniques` entry of the top layer; a decoder
+    /// has no `normalize_output`).
     pub fn has_final_layer_norm(&self) -> bool {
-        self.decoder_normalize_before
+        let top = self.decoder_layers.saturating_sub(1);
+        LayerTechnique::technique_of(&self.layer_techniques, top)
+            .map_or(self.decoder_normalize_before, |t| t.normalize_before())
     }
     /// Drop-path probability of layer `i`: numpy's `linspace(0, drop_path_rate, N)[i]`.
     pub fn drop_path_prob(&self, i: usize) -> f64 {
         linspace_at(self.drop_path_rate, self.decoder_layers, i)
+    }
+    /// The technique of layer `i`: its `layer_techniques` entry, else the config's.
+    pub fn layer_technique(&self, i: usize) -> Technique {
+        per_layer::technique_at(&self.layer_techniques, self.technique(), i)
+    }
+    /// Whether layer `i` (0-based) is an MoE layer: listed in `moe_layers` when set, else
+    /// `moe_freq != 0 && (i + 1) % moe_freq == 0`.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        per_layer::is_moe_layer(self.moe_layers.as_deref(), self.moe_freq, i)
+    }
+    /// Whether any layer is an MoE layer (by `moe_layers` or `moe_freq`).
+    pub fn has_moe_layers(&self) -> bool {
+        per_layer::has_moe_layers(self.moe_layers.as_deref(), self.moe_freq)
+    }
+    /// Sets `layer_techniques`.
+    pub fn with_layer_techniques(mut self, list: Vec<LayerTechnique>) -> Self {
+        self.layer_techniques = list;
+        self
+    }
+    /// Sets `moe_router` (every MoE layer's router unless `moe_layer_routers` names it).
+    pub fn with_moe_router(mut self, router: RouterChoice) -> Self {
+        self.moe_router = router;
+        self
+    }
+    /// Sets `moe_layer_routers`.
+    pub fn with_moe_layer_routers(mut self, list: Vec<LayerRouter>) -> Self {
+        self.moe_layer_routers = list;
+        self
+    }
+    /// The router of MoE layer `i`: its `moe_layer_routers` entry, else `moe_router`.
+    pub fn moe_router_of(&self, i: usize) -> &RouterChoice {
+        LayerRouter::router_of(&self.moe_layer_routers, &self.moe_router, i)
+    }
+    /// Sets `moe_layers` (None: every `moe_freq`-th layer).
+    pub fn with_moe_layers(mut self, layers: Option<Vec<usize>>) -> Self {
+        self.moe_layers = layers;
+        self
     }
 }
 

@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use torchscale_core::{Activation, Error, Result, StackKind};
 
 use super::builders::shared_builders;
+use super::per_layer::{self, LayerRouter, LayerTechnique};
 use super::validate::{self, shared_view};
 use super::{is_default_scale, is_false, DecoderConfig, EncoderConfig, Technique};
+use torchscale_moe::RouterChoice;
 
 /// torchscale's `EncoderDecoderConfig` (0.3.0): the `encoder_*` and `decoder_*` shape fields,
 /// one set of shared fields (technique flags, MoE, positions, dropout...) for both stacks,
@@ -135,6 +137,28 @@ pub struct EncoderDecoderConfig {
     /// instead of torchscale's (false).
     #[serde(skip_serializing_if = "is_false")]
     pub xmoe_paper_routing: bool,
+    /// Extension: the encoder's per-range techniques (see
+    /// [`DecoderConfig::layer_techniques`]); ranges are encoder layer indices (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub encoder_layer_techniques: Vec<LayerTechnique>,
+    /// Extension: the decoder's per-range techniques (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decoder_layer_techniques: Vec<LayerTechnique>,
+    /// Extension: the encoder's MoE layers, in place of every `moe_freq`-th (None).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_moe_layers: Option<Vec<usize>>,
+    /// Extension: the decoder's MoE layers, in place of every `moe_freq`-th (None).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_moe_layers: Option<Vec<usize>>,
+    /// Extension: the router of every MoE layer of both stacks (torchscale's capacity routing).
+    #[serde(skip_serializing_if = "RouterChoice::is_capacity")]
+    pub moe_router: RouterChoice,
+    /// Extension: routers of single encoder MoE layers, in place of `moe_router` (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub encoder_moe_layer_routers: Vec<LayerRouter>,
+    /// Extension: routers of single decoder MoE layers, in place of `moe_router` (empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decoder_moe_layer_routers: Vec<LayerRouter>,
 }
 
 impl Default for EncoderDecoderConfig {
@@ -192,6 +216,13 @@ impl Default for EncoderDecoderConfig {
             admin_output_change_scale: "default".into(),
             admin_as_parameter: false,
             xmoe_paper_routing: false,
+            encoder_layer_techniques: Vec::new(),
+            decoder_layer_techniques: Vec::new(),
+            encoder_moe_layers: None,
+            decoder_moe_layers: None,
+            moe_router: RouterChoice::Capacity,
+            encoder_moe_layer_routers: Vec::new(),
+            decoder_moe_layer_routers: Vec::new(),
         }
     }
 }
@@ -313,13 +344,56 @@ impl EncoderDecoderConfig {
         }
         validate::positions("max_source_positions", self.max_source_positions)?;
         validate::positions("max_target_positions", self.max_target_positions)?;
-        let shared = shared_view!(self);
+        per_layer::layer_techniques(
+            "encoder_layer_techniques",
+            &self.encoder_layer_techniques,
+            self.encoder_layers,
+        )?;
+        per_layer::layer_techniques(
+            "decoder_layer_techniques",
+            &self.decoder_layer_techniques,
+            self.decoder_layers,
+        )?;
+        per_layer::moe_layers(
+            "encoder_moe_layers",
+            self.encoder_moe_layers.as_deref(),
+            self.encoder_layers,
+        )?;
+        per_layer::moe_layers(
+            "decoder_moe_layers",
+            self.decoder_moe_layers.as_deref(),
+            self.decoder_layers,
+        )?;
+        let enc_moe = per_layer::has_moe_layers(self.encoder_moe_layers.as_deref(), self.moe_freq);
+        let dec_moe = per_layer::has_moe_layers(self.decoder_moe_layers.as_deref(), self.moe_freq);
+        let shared = shared_view!(self, enc_moe || dec_moe);
         validate::shared(&shared)?;
+        let is_moe = |list: &Option<Vec<usize>>, i| {
+            per_layer::is_moe_layer(list.as_deref(), self.moe_freq, i)
+        };
+        per_layer::routers(
+            "moe_router",
+            &self.moe_router,
+            "encoder_moe_layer_routers",
+            &self.encoder_moe_layer_routers,
+            self.moe_expert_count,
+            enc_moe || dec_moe,
+            |i| is_moe(&self.encoder_moe_layers, i),
+        )?;
+        per_layer::routers(
+            "moe_router",
+            &self.moe_router,
+            "decoder_moe_layer_routers",
+            &self.decoder_moe_layer_routers,
+            self.moe_expert_count,
+            false,
+            |i| is_moe(&self.decoder_moe_layers, i),
+        )?;
         // torchscale's EncoderLayer asserts this for MoE layers.
-        if self.multiway && self.moe_freq > 0 {
+        if self.multiway && enc_moe {
             return Err(Error::config(
                 "multiway",
-                "cannot be combined with MoE layers (moe_freq > 0)",
+                "cannot be combined with MoE layers (moe_freq > 0 or encoder_moe_layers)",
             ));
         }
         validate::admin(
@@ -352,6 +426,10 @@ impl EncoderDecoderConfig {
         e.encoder_normalize_before = self.encoder_normalize_before;
         e.normalize_output = self.normalize_output;
         e.max_source_positions = self.max_source_positions;
+        e.layer_techniques = self.encoder_layer_techniques.clone();
+        e.moe_layers = self.encoder_moe_layers.clone();
+        e.moe_router = self.moe_router.clone();
+        e.moe_layer_routers = self.encoder_moe_layer_routers.clone();
         copy_shared!(self => e);
         e
     }
@@ -369,6 +447,10 @@ impl EncoderDecoderConfig {
         d.max_target_positions = self.max_target_positions;
         d.share_decoder_input_output_embed =
             self.share_decoder_input_output_embed || self.share_all_embeddings;
+        d.layer_techniques = self.decoder_layer_techniques.clone();
+        d.moe_layers = self.decoder_moe_layers.clone();
+        d.moe_router = self.moe_router.clone();
+        d.moe_layer_routers = self.decoder_moe_layer_routers.clone();
         copy_shared!(self => d);
         d
     }

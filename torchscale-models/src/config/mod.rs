@@ -35,12 +35,14 @@ mod decoder;
 mod encoder;
 mod encoder_decoder;
 mod json;
+pub(crate) mod per_layer;
 mod technique;
 pub mod validate;
 
 pub use decoder::DecoderConfig;
 pub use encoder::EncoderConfig;
 pub use encoder_decoder::EncoderDecoderConfig;
+pub use per_layer::{LayerRouter, LayerTechnique};
 pub use technique::Technique;
 
 /// serde `skip_serializing_if` helper for extension flags.

@@ -7,17 +7,25 @@ use serde::{Deserialize, Serialize};
 /// torchscale encodes it in three flags (`deepnorm`, `subln`, `*_normalize_before`); our
 /// extension adds `admin`. After [`finalize`](super::EncoderConfig::finalize) at most one of
 /// them wins, in this order: `admin`, `deepnorm`, `subln`, then `*_normalize_before`.
+///
+/// In JSON (`layer_techniques`) a technique is `"post_ln"`, `"pre_ln"`, `"deepnorm"`, `"subln"`
+/// or `"admin"`; the variant names (`"PostLn"`, ...) are read too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Technique {
     /// `x ← LN(x + f(x))` (subln, deepnorm, normalize_before all false).
+    #[serde(rename = "post_ln", alias = "PostLn")]
     PostLn,
     /// `x ← x + f(LN(x))` (normalize_before true, subln and deepnorm false).
+    #[serde(rename = "pre_ln", alias = "PreLn")]
     PreLn,
     /// DeepNet: `x ← LN(α·x + f(x))` with β-scaled init (`deepnorm`).
+    #[serde(rename = "deepnorm", alias = "DeepNorm")]
     DeepNorm,
     /// Magneto Sub-LN: Pre-LN plus inner LayerNorms and γ-scaled init (`subln`, the default).
+    #[serde(rename = "subln", alias = "SubLn")]
     SubLn,
     /// admin-torch: `x ← LN(ω·x + f(x))` (our `admin` extension; Post-LN wiring).
+    #[serde(rename = "admin", alias = "Admin")]
     Admin,
 }
 
@@ -127,6 +135,24 @@ mod tests {
         }
         assert_eq!("magneto".parse::<Technique>().unwrap(), Technique::SubLn);
         assert!("layernorm".parse::<Technique>().is_err());
+    }
+
+    #[test]
+    fn json_names() {
+        for (t, name) in [
+            (Technique::PostLn, "post_ln"),
+            (Technique::PreLn, "pre_ln"),
+            (Technique::DeepNorm, "deepnorm"),
+            (Technique::SubLn, "subln"),
+            (Technique::Admin, "admin"),
+        ] {
+            let json = format!("\"{name}\"");
+            assert_eq!(serde_json::to_string(&t).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Technique>(&json).unwrap(), t);
+            // The variant names, serde's former form, still read.
+            let old = format!("\"{t:?}\"");
+            assert_eq!(serde_json::from_str::<Technique>(&old).unwrap(), t);
+        }
     }
 
     #[test]

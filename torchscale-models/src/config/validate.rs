@@ -21,8 +21,12 @@ pub(crate) struct Shared<'a> {
     pub vocab_size: i64,
     pub xpos_scale_base: usize,
     pub moe_freq: usize,
+    /// Some layer is an MoE layer (by `moe_freq` or an explicit list).
+    pub has_moe_layers: bool,
     pub moe_expert_count: usize,
     pub moe_top1_expert: bool,
+    /// `moe_router` is torchscale's capacity routing (top-1 / top-2).
+    pub moe_capacity_routing: bool,
     pub moe_eval_capacity_token_fraction: f64,
     pub moe_second_expert_policy: &'a str,
     pub use_xmoe: bool,
@@ -35,9 +39,10 @@ pub(crate) struct Shared<'a> {
     pub admin_output_change_scale: &'a str,
 }
 
-/// Builds a [`Shared`] view of any of the three config structs (they share these field names).
+/// Builds a [`Shared`] view of any of the three config structs (they share these field names);
+/// `$has_moe` says whether the config has MoE layers.
 macro_rules! shared_view {
-    ($c:expr) => {
+    ($c:expr, $has_moe:expr) => {
         $crate::config::validate::Shared {
             dropout: $c.dropout,
             attention_dropout: $c.attention_dropout,
@@ -47,8 +52,10 @@ macro_rules! shared_view {
             vocab_size: $c.vocab_size,
             xpos_scale_base: $c.xpos_scale_base,
             moe_freq: $c.moe_freq,
+            has_moe_layers: $has_moe,
             moe_expert_count: $c.moe_expert_count,
             moe_top1_expert: $c.moe_top1_expert,
+            moe_capacity_routing: $c.moe_router.is_capacity(),
             moe_eval_capacity_token_fraction: $c.moe_eval_capacity_token_fraction,
             moe_second_expert_policy: &$c.moe_second_expert_policy,
             use_xmoe: $c.use_xmoe,
@@ -193,23 +200,24 @@ pub(crate) fn shared(s: &Shared<'_>) -> Result<()> {
 
 fn moe(s: &Shared<'_>) -> Result<()> {
     // torchscale asserts this in post-processing.
-    if s.use_xmoe && (s.moe_freq == 0 || s.moe_expert_count == 0) {
+    if s.use_xmoe && (!s.has_moe_layers || s.moe_expert_count == 0) {
         return Err(Error::config(
             "use_xmoe",
             format!(
-                "needs MoE layers: moe_freq = {} and moe_expert_count = {} must both be > 0",
+                "needs MoE layers: moe_freq = {} (or a non-empty moe_layers) and \
+                 moe_expert_count = {} must both be > 0",
                 s.moe_freq, s.moe_expert_count
             ),
         ));
     }
-    if s.moe_freq > 0 && s.moe_expert_count == 0 {
+    if s.has_moe_layers && s.moe_expert_count == 0 {
         return Err(Error::config(
             "moe_expert_count",
-            "must be > 0 when moe_freq > 0",
+            "must be > 0 when there are MoE layers (moe_freq > 0 or moe_layers)",
         ));
     }
     // Top-2 picks the second expert among the others; with one expert there is none.
-    if s.moe_freq > 0 && !s.moe_top1_expert && s.moe_expert_count < 2 {
+    if s.has_moe_layers && s.moe_capacity_routing && !s.moe_top1_expert && s.moe_expert_count < 2 {
         return Err(Error::config(
             "moe_expert_count",
             "top-2 gating (moe_top1_expert = false) needs at least 2 experts",

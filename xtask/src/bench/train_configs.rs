@@ -232,6 +232,7 @@ pub fn measure(config: TrainConfig, warmup: usize, steps: usize) -> Result<Measu
         let store = ParamStore::new(0);
         let opts = BuildOptions {
             learned_positions: Some(true),
+            ..Default::default()
         };
         let enc = Encoder::new(&cfg, &opts, store.var_builder(DType::F32, &Device::Cpu))?;
         let toks = random_ids(&mut rng, b, t, 32000)?;

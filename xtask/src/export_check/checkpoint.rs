@@ -112,6 +112,7 @@ impl Checkpoint {
         let vb = store.var_builder(DType::F32, &Device::Cpu);
         let opts = BuildOptions {
             learned_positions: Some(learned_positions),
+            ..Default::default()
         };
         let model = match &config {
             ModelConfig::Decoder(c) => Model::Decoder(Decoder::new(c, &opts, vb)?),

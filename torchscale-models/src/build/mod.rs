@@ -1,4 +1,12 @@
-//! From configs to models: the stack description and the technique of each stack.
+//! From configs to models: the stack description, the technique of each layer, and the choices
+//! made in code ([`StackHooks`]).
+
+mod hooks;
+mod moe;
+mod plan;
+
+pub use hooks::{RouterHook, SiteHook, StabilizerHook, StackHooks};
+pub use plan::{stack_plan, StackPlan};
 
 use candle_nn::VarBuilder;
 use torchscale_core::{Result, Stabilizer, StackKind};
@@ -7,16 +15,19 @@ use crate::config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig, Techniqu
 use crate::decoder::Decoder;
 use crate::encoder::Encoder;
 use crate::encoder_decoder::EncoderDecoder;
-use crate::spec::{MoeSpec, StackSpec};
-use torchscale_moe::{MoeConfig, SecondExpertPolicy};
+use crate::spec::StackSpec;
+use moe::{moe_spec, MoeFields};
 
-/// Choices a torchscale config does not hold, because torchscale takes them as constructor
-/// arguments (the embedding modules).
-#[derive(Debug, Clone, Copy, Default)]
+/// Choices a torchscale config does not hold: those torchscale takes as constructor arguments
+/// (the embedding modules), and those only code can make (a stabiliser, a router or a sublayer
+/// defined by the user, through [`StackHooks`]).
+#[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
     /// Learned absolute positions (`embed_positions`). None: on unless the config uses xPos or a
     /// relative position bias.
     pub learned_positions: Option<bool>,
+    /// Per-layer stabiliser, router and site hooks (none by default).
+    pub hooks: StackHooks,
 }
 
 /// The technique object for a stack.
@@ -48,6 +59,7 @@ pub fn stabilizer(
 pub fn encoder_spec(c: &EncoderConfig, opts: &BuildOptions) -> StackSpec {
     let rel = c.rel_pos_buckets > 0 && c.max_rel_pos > 0;
     StackSpec {
+        kind: c.stack_kind(),
         embed_dim: c.encoder_embed_dim,
         heads: c.encoder_attention_heads,
         ffn_dim: c.encoder_ffn_embed_dim,
@@ -78,6 +90,7 @@ pub fn encoder_spec(c: &EncoderConfig, opts: &BuildOptions) -> StackSpec {
 pub fn decoder_spec(c: &DecoderConfig, opts: &BuildOptions) -> StackSpec {
     let rel = c.rel_pos_buckets > 0 && c.max_rel_pos > 0;
     StackSpec {
+        kind: c.stack_kind(),
         embed_dim: c.decoder_embed_dim,
         heads: c.decoder_attention_heads,
         ffn_dim: c.decoder_ffn_embed_dim,
@@ -110,13 +123,16 @@ impl Encoder {
         let _span =
             tracing::debug_span!("build", model = "Encoder", layers = cfg.encoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
-        let st = stabilizer(
+        let spec = encoder_spec(&cfg, opts);
+        let plan = stack_plan(
             cfg.technique(),
-            cfg.stack_kind(),
+            &cfg.layer_techniques,
+            &spec,
             &cfg.admin_output_change_scale,
             cfg.admin_as_parameter,
+            &opts.hooks,
         )?;
-        Encoder::from_spec(encoder_spec(&cfg, opts), st, false, None, vb)
+        Encoder::from_plan(spec, plan, false, None, vb)
     }
 }
 
@@ -126,14 +142,26 @@ impl Decoder {
         let _span =
             tracing::debug_span!("build", model = "Decoder", layers = cfg.decoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
-        let st = stabilizer(
-            cfg.technique(),
-            cfg.stack_kind(),
-            &cfg.admin_output_change_scale,
-            cfg.admin_as_parameter,
-        )?;
-        Decoder::from_spec(decoder_spec(&cfg, opts), st, false, None, vb)
+        let spec = decoder_spec(&cfg, opts);
+        let plan = decoder_plan(&cfg, &spec, opts)?;
+        Decoder::from_plan(spec, plan, false, None, vb)
     }
+}
+
+/// The layer plan of a decoder-only stack built from `cfg` (finalised) and `spec`.
+pub fn decoder_plan(
+    cfg: &DecoderConfig,
+    spec: &StackSpec,
+    opts: &BuildOptions,
+) -> Result<StackPlan> {
+    stack_plan(
+        cfg.technique(),
+        &cfg.layer_techniques,
+        spec,
+        &cfg.admin_output_change_scale,
+        cfg.admin_as_parameter,
+        &opts.hooks,
+    )
 }
 
 impl EncoderDecoder {
@@ -148,103 +176,27 @@ impl EncoderDecoder {
         .entered();
         let cfg = cfg.clone().finalize()?;
         let scale = cfg.admin_output_change_scale.clone();
-        let enc_st = stabilizer(
+        // Each side's constants depend on both depths.
+        let mut enc = encoder_spec(&cfg.encoder_config(), opts);
+        enc.kind = cfg.encoder_stack_kind();
+        let mut dec = decoder_spec(&cfg.decoder_config(), opts);
+        dec.kind = cfg.decoder_stack_kind();
+        let enc_plan = stack_plan(
             cfg.encoder_technique(),
-            cfg.encoder_stack_kind(),
+            &cfg.encoder_layer_techniques,
+            &enc,
             &scale,
             cfg.admin_as_parameter,
+            &opts.hooks,
         )?;
-        let dec_st = stabilizer(
+        let dec_plan = stack_plan(
             cfg.decoder_technique(),
-            cfg.decoder_stack_kind(),
+            &cfg.decoder_layer_techniques,
+            &dec,
             &scale,
             cfg.admin_as_parameter,
+            &opts.hooks,
         )?;
-        let enc = encoder_spec(&cfg.encoder_config(), opts);
-        let dec = decoder_spec(&cfg.decoder_config(), opts);
-        EncoderDecoder::from_specs(enc, enc_st, dec, dec_st, cfg.share_all_embeddings, vb)
+        EncoderDecoder::from_plans(enc, enc_plan, dec, dec_plan, cfg.share_all_embeddings, vb)
     }
-}
-
-/// The MoE fields both configs share, gathered to build the layer settings once.
-struct MoeFields {
-    embed_dim: usize,
-    ffn_dim: usize,
-    freq: usize,
-    experts: usize,
-    top1: bool,
-    use_xmoe: bool,
-    paper: bool,
-    eval_fraction: f64,
-    policy: String,
-    normalize_before_dropping: bool,
-    fp32: bool,
-    activation: torchscale_core::Activation,
-    activation_dropout: f64,
-    dropout: f64,
-    eps: f64,
-}
-
-macro_rules! moe_fields {
-    ($c:expr, $dim:ident, $ffn:ident) => {
-        MoeFields {
-            embed_dim: $c.$dim,
-            ffn_dim: $c.$ffn,
-            freq: $c.moe_freq,
-            experts: $c.moe_expert_count,
-            top1: $c.moe_top1_expert,
-            use_xmoe: $c.use_xmoe,
-            paper: $c.xmoe_paper_routing,
-            eval_fraction: $c.moe_eval_capacity_token_fraction,
-            policy: $c.moe_second_expert_policy.clone(),
-            normalize_before_dropping: $c.moe_normalize_gate_prob_before_dropping,
-            fp32: $c.moe_gating_use_fp32,
-            activation: $c.activation_fn,
-            activation_dropout: $c.activation_dropout,
-            dropout: $c.dropout,
-            eps: $c.layernorm_eps,
-        }
-    };
-}
-
-impl MoeFields {
-    fn of_encoder(c: &EncoderConfig) -> Self {
-        moe_fields!(c, encoder_embed_dim, encoder_ffn_embed_dim)
-    }
-    fn of_decoder(c: &DecoderConfig) -> Self {
-        moe_fields!(c, decoder_embed_dim, decoder_ffn_embed_dim)
-    }
-}
-
-fn moe_spec(f: &MoeFields) -> Option<MoeSpec> {
-    if f.freq == 0 || f.experts == 0 {
-        return None;
-    }
-    let policy = match f.policy.as_str() {
-        "sampling" => SecondExpertPolicy::Sampling,
-        "random" => SecondExpertPolicy::Random,
-        _ => SecondExpertPolicy::All,
-    };
-    let layer = MoeConfig {
-        embed_dim: f.embed_dim,
-        ffn_dim: f.ffn_dim,
-        num_experts: f.experts,
-        top1: f.top1,
-        use_xmoe: f.use_xmoe,
-        paper_routing: f.paper,
-        eval_capacity_token_fraction: f.eval_fraction,
-        second_expert_policy: policy,
-        normalize_gate_prob_before_dropping: f.normalize_before_dropping,
-        gating_use_fp32: f.fp32,
-        activation: f.activation,
-        activation_dropout: f.activation_dropout,
-        dropout: f.dropout,
-        layernorm_eps: f.eps,
-        ..MoeConfig::default()
-    };
-    Some(MoeSpec {
-        freq: f.freq,
-        layer,
-        expert_comm: None,
-    })
 }
