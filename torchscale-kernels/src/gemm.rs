@@ -154,6 +154,53 @@ unsafe fn raw(
     }
 }
 
+/// `dst[m, n] (row stride ld) = scale * a[m, k] @ b[k, n]` into memory that is never read (so
+/// it may be uninitialised): every element of the `[m, n]` block is written (zeros when `k` is
+/// 0); what lies between the rows when `ld > n` is left as it was.
+pub(crate) fn matmul_uninit(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    ld: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    threaded: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_fits = (m - 1) * ld + n <= dst.len() && ld >= n;
+    if !dst_fits || !a.fits(m, k) || !b.fits(k, n) {
+        bail!("matmul operands too small for [{m}, {k}] @ [{k}, {n}]");
+    }
+    if k == 0 {
+        for r in 0..m {
+            dst[r * ld..r * ld + n].fill(MaybeUninit::new(0.0));
+        }
+        return Ok(());
+    }
+    let par = if threaded {
+        parallel(m, n, k)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the product touches was bounds-checked above; `dst` is borrowed
+    // mutably, so it cannot alias `a` or `b`; with `read_dst` false gemm never reads it.
+    unsafe {
+        raw(
+            (m, n, k),
+            dst.as_mut_ptr().cast::<f32>(),
+            ld,
+            false,
+            a,
+            b,
+            scale,
+            par,
+        )
+    };
+    Ok(())
+}
+
 /// A fresh `[m, n]` row-major buffer holding `scale * a @ b`, never zero-filled first: the product
 /// writes every element (a third of the time of a small kernel went to zeroing its output).
 pub(crate) fn product(
@@ -269,6 +316,34 @@ mod tests {
             vec![0.0; 12]
         );
         assert!(product((m + 1, n, k), am, bm, 1.0, false).is_err());
+    }
+
+    #[test]
+    fn uninit_destination_is_fully_written() {
+        let (m, n, k) = (7, 5, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (am, bm) = (Mat::rows(&a, k), Mat::rows(&b, n));
+        let want = naive(m, n, k, am, bm);
+        // Row stride n + 2: the gaps keep their values.
+        let ld = n + 2;
+        let mut dst = vec![MaybeUninit::new(-7.0f32); (m - 1) * ld + n];
+        matmul_uninit((m, n, k), &mut dst, ld, am, bm, 1.0, true).unwrap();
+        for r in 0..m {
+            for c in 0..ld.min((m - 1) * ld + n - r * ld) {
+                // SAFETY: every element was initialised above.
+                let v = unsafe { dst[r * ld + c].assume_init() };
+                if c < n {
+                    assert!((v - want[r * n + c]).abs() < 1e-4);
+                } else {
+                    assert_eq!(v, -7.0);
+                }
+            }
+        }
+        matmul_uninit((m, n, 0), &mut dst, ld, am, bm, 1.0, false).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { dst[ld + 1].assume_init() }, 0.0);
+        assert!(matmul_uninit((m, n + 3, k), &mut dst, ld, am, bm, 1.0, false).is_err());
     }
 
     #[test]

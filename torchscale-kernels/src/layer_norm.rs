@@ -277,7 +277,7 @@ pub(crate) unsafe fn try_filled<R>(
 
 /// Forward over a block of rows, writing every element of `y`: 16 rows at a time on narrow
 /// rows, row by row otherwise.
-fn fwd_rows(
+pub(crate) fn fwd_rows(
     x: &[f32],
     w: &[f32],
     b: &[f32],
@@ -293,7 +293,7 @@ fn fwd_rows(
 }
 
 /// `[mean, rstd]` per row of a block.
-fn stats_rows(x: &[f32], d: usize, eps: f32, stats: &mut [f32]) {
+pub(crate) fn stats_rows(x: &[f32], d: usize, eps: f32, stats: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = narrow_kernels(d) {
         return k.stats(x, eps, stats);
@@ -302,7 +302,7 @@ fn stats_rows(x: &[f32], d: usize, eps: f32, stats: &mut [f32]) {
 }
 
 /// Backward over a block of rows (see [`bwd_kernel`]), writing every element of `dx`.
-fn bwd_rows(
+pub(crate) fn bwd_rows(
     x: &[f32],
     g: &[f32],
     w: &[f32],

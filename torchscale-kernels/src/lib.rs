@@ -50,7 +50,9 @@ pub mod switch;
 
 pub use activation::{gelu_erf, gelu_erf_composed};
 pub use attention::{attention, attention_composed, attention_packed, AttentionOptions};
-pub use grouped::{grouped_linear, grouped_linear_composed};
+pub use grouped::{
+    grouped_layer_norm, grouped_layer_norm_composed, grouped_linear, grouped_linear_composed,
+};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
 pub use linear_act::{linear_gelu, linear_gelu_composed};

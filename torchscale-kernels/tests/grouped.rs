@@ -3,11 +3,18 @@
 
 mod common;
 
+// The training binaries' allocator, for the timing (`--features mimalloc`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
+
 use candle_core::{DType, Tensor};
 use common::{check, randn, var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use torchscale_kernels::{grouped_linear, grouped_linear_composed, with_fused};
+use torchscale_kernels::{
+    grouped_layer_norm, grouped_linear, grouped_linear_composed, layer_norm, with_fused,
+};
 
 /// `groups` random group sizes in `0..=max`, about a quarter of them forced empty.
 fn random_counts(seed: u64, groups: usize, max: usize) -> Vec<usize> {
@@ -184,4 +191,192 @@ fn bad_counts_and_shapes_are_errors() {
     let x3 = randn(88, &[1, 5, 4], 1.0, DType::F32);
     let e = error_of(|| grouped_linear(&x3, &w, None, &[2, 3, 0]));
     assert!(e.contains("input x"), "{e}");
+}
+
+#[test]
+fn layer_norm_matches_composed_random_counts() {
+    // Widths on both row kernels (narrow AVX-512 rows up to 128, wide rows above).
+    for (seed, groups, max, d) in [
+        (1, 1, 30, 48),
+        (2, 8, 20, 160),
+        (3, 64, 6, 24),
+        (4, 64, 40, 200),
+    ] {
+        let mut counts = random_counts(seed, groups, max);
+        if groups > 1 {
+            counts[0] = 0;
+        }
+        counts[groups - 1] = counts[groups - 1].max(2);
+        let k: usize = counts.iter().sum();
+        let x = var(110 + seed, &[k, d], 2.0, DType::F32);
+        let w = var(120 + seed, &[groups, d], 1.0, DType::F32);
+        let b = var(130 + seed, &[groups, d], 1.0, DType::F32);
+        check(
+            &format!("grouped LN E={groups} d={d} counts={counts:?}"),
+            &[&x, &w, &b],
+            1e-5,
+            || grouped_layer_norm(&x, &w, &b, 1e-5, &counts),
+        );
+    }
+}
+
+#[test]
+fn layer_norm_groups_split_over_threads() {
+    // Groups larger than a thread's share of the rows are cut into blocks whose `dw` / `db`
+    // partials are summed.
+    let counts = [1500, 0, 700];
+    let x = var(155, &[2200, 64], 1.0, DType::F32);
+    let w = var(156, &[3, 64], 1.0, DType::F32);
+    let b = var(157, &[3, 64], 1.0, DType::F32);
+    check("grouped LN, big groups", &[&x, &w, &b], 1e-5, || {
+        grouped_layer_norm(&x, &w, &b, 1e-5, &counts)
+    });
+}
+
+#[test]
+fn layer_norm_is_each_groups_own_layer_norm() {
+    let counts = [4, 0, 7, 1];
+    let x = randn(140, &[12, 40], 1.0, DType::F32);
+    let w = randn(141, &[4, 40], 1.0, DType::F32);
+    let b = randn(142, &[4, 40], 1.0, DType::F32);
+    let y = grouped_layer_norm(&x, &w, &b, 1e-5, &counts).unwrap();
+    let mut off = 0;
+    for (e, &n) in counts.iter().enumerate() {
+        if n > 0 {
+            let xe = x.narrow(0, off, n).unwrap();
+            let want = layer_norm(&xe, &w.get(e).unwrap(), &b.get(e).unwrap(), 1e-5).unwrap();
+            common::assert_close(
+                &format!("group {e}"),
+                &y.narrow(0, off, n).unwrap(),
+                &want,
+                1e-6,
+            );
+        }
+        off += n;
+    }
+}
+
+#[test]
+fn layer_norm_empty_groups_get_zero_gradients() {
+    let counts = [0, 5, 0, 3];
+    let x = var(143, &[8, 20], 1.0, DType::F32);
+    let w = var(144, &[4, 20], 1.0, DType::F32);
+    let b = var(145, &[4, 20], 1.0, DType::F32);
+    for fused in [true, false] {
+        let grads = with_fused(fused, || {
+            grouped_layer_norm(&x, &w, &b, 1e-5, &counts)?
+                .sqr()?
+                .sum_all()?
+                .backward()
+        })
+        .unwrap();
+        for t in [&w, &b] {
+            let g = grads.get(t).unwrap();
+            for (e, &n) in counts.iter().enumerate() {
+                let s = g.get(e).unwrap().abs().unwrap().sum_all().unwrap();
+                let s = s.to_scalar::<f32>().unwrap();
+                assert_eq!(s == 0.0, n == 0, "fused={fused}, group {e}: {s}");
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_half_precision_and_f32_affine() {
+    let counts = [6, 0, 9];
+    for dt in [DType::F16, DType::BF16] {
+        let x = var(146, &[15, 32], 1.0, dt);
+        let w = var(147, &[3, 32], 1.0, dt);
+        let b = var(148, &[3, 32], 1.0, dt);
+        check(&format!("grouped LN {dt:?}"), &[&x, &w, &b], 2e-2, || {
+            grouped_layer_norm(&x, &w, &b, 1e-5, &counts)
+        });
+        // f32 affine under half activations, as the norms are kept.
+        let w = var(149, &[3, 32], 1.0, DType::F32);
+        let b = var(150, &[3, 32], 1.0, DType::F32);
+        check(
+            &format!("grouped LN {dt:?}, f32 affine"),
+            &[&x, &w, &b],
+            2e-2,
+            || grouped_layer_norm(&x, &w, &b, 1e-5, &counts),
+        );
+    }
+}
+
+#[test]
+fn layer_norm_bad_counts_and_shapes_are_errors() {
+    let x = randn(151, &[5, 4], 1.0, DType::F32);
+    let w = randn(152, &[3, 4], 1.0, DType::F32);
+    let e = error_of(|| grouped_layer_norm(&x, &w, &w, 1e-5, &[2, 3]));
+    assert!(e.contains("counts") && e.contains("[3, 4]"), "{e}");
+    let e = error_of(|| grouped_layer_norm(&x, &w, &w, 1e-5, &[2, 2, 2]));
+    assert!(e.contains("sum to 6"), "{e}");
+    let e = error_of(|| grouped_layer_norm(&x, &w, &w, 1e-5, &[usize::MAX, 2, 0]));
+    assert!(e.contains("counts"), "{e}");
+    let b = randn(153, &[3, 5], 1.0, DType::F32);
+    let e = error_of(|| grouped_layer_norm(&x, &w, &b, 1e-5, &[2, 3, 0]));
+    assert!(e.contains("bias"), "{e}");
+    let e = error_of(|| grouped_layer_norm(&x.t().unwrap(), &w, &w, 1e-5, &[2, 1, 1]));
+    assert!(e.contains("input x"), "{e}");
+    let flat = randn(154, &[4], 1.0, DType::F32);
+    let e = error_of(|| grouped_layer_norm(&x, &flat, &flat, 1e-5, &[2, 3, 0]));
+    assert!(e.contains("weight"), "{e}");
+}
+
+/// Forward + backward of one expert projection at MoE sizes (2048 rows, 256 -> 1024, 8 and 64
+/// groups of equal size), the weights kept per group as the experts keep them: stacked, then
+/// [`grouped_linear`], against a loop of the fused `linear` over `narrow`ed rows and `cat`.
+/// `cargo test --release -p torchscale-kernels --features mimalloc --test grouped -- --ignored
+/// --nocapture` (the training binaries' allocator).
+#[test]
+#[ignore = "timing, not a check; run by hand"]
+fn grouped_timing() {
+    use std::time::Instant;
+    #[cfg(feature = "mimalloc")]
+    torchscale_kernels::alloc::keep_freed_memory();
+    let (k, i, o) = (2048, 256, 1024);
+    for groups in [8, 64] {
+        let counts = vec![k / groups; groups];
+        let x = var(90, &[k, i], 1.0, DType::F32);
+        let ws: Vec<candle_core::Var> = (0..groups)
+            .map(|e| var(100 + e as u64, &[o, i], 0.05, DType::F32))
+            .collect();
+        let time = |f: &dyn Fn() -> candle_core::Result<()>| {
+            let mut ts: Vec<f64> = (0..6)
+                .map(|_| {
+                    let t = Instant::now();
+                    f().unwrap();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            ts.sort_by(f64::total_cmp);
+            ts[0]
+        };
+        let stack = || {
+            let parts: Vec<&Tensor> = ws.iter().map(|w| w.as_tensor()).collect();
+            Tensor::stack(&parts, 0)
+        };
+        let t_stack = time(&|| stack().map(|_| ()));
+        let t_grouped = time(&|| {
+            let y = grouped_linear(&x, &stack()?, None, &counts)?;
+            y.sum_all()?.backward().map(|_| ())
+        });
+        let wv = candle_core::Var::from_tensor(&stack().unwrap()).unwrap();
+        let t_var = time(&|| {
+            let y = grouped_linear(&x, &wv, None, &counts)?;
+            y.sum_all()?.backward().map(|_| ())
+        });
+        let t_fwd = time(&|| grouped_linear(&x, &wv, None, &counts).map(|_| ()));
+        let t_loop = time(&|| {
+            let mut outs = Vec::new();
+            for (e, w) in ws.iter().enumerate() {
+                let xe = x.narrow(0, e * k / groups, k / groups)?;
+                outs.push(torchscale_kernels::linear(&xe, w, None)?);
+            }
+            Tensor::cat(&outs, 0)?.sum_all()?.backward().map(|_| ())
+        });
+        println!(
+            "E={groups:3}: stack {t_stack:6.1} ms, stacked + grouped {t_grouped:6.1} ms, loop {t_loop:6.1} ms, grouped on one var {t_var:6.1} ms (fwd {t_fwd:6.1})"
+        );
+    }
 }
