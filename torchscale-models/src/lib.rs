@@ -8,6 +8,14 @@
 //! Which stabiliser a stack uses follows torchscale's flags (`deepnorm`, `subln` — the default —,
 //! `*_normalize_before`), plus our `admin` extension; see [`config::Technique`].
 //!
+//! **Per-layer choices.** A layer is a sequence of sites, each a `Residual` around a `Sublayer`
+//! ([`layer::Layer`], [`layer::SiteBlock`]); torchscale's layout is one way to fill it
+//! ([`layer::torchscale_layout`]). A config may give ranges of layers another technique
+//! (`layer_techniques`, e.g. Mix-LN), list the MoE layers (`moe_layers`) and choose routers
+//! (`moe_router`, `moe_layer_routers`); these extension fields stay out of the JSON at their
+//! defaults. What a config cannot name — a stabiliser, router or sublayer written in user code —
+//! goes in through [`BuildOptions::hooks`] ([`StackHooks`]).
+//!
 //! **One dependency.** [`prelude`] brings the models, their configs and inputs, [`ParamStore`],
 //! the traits of `torchscale-core` and candle's everyday types in one `use`; the crate root
 //! re-exports [`Error`], [`Result`], candle ([`candle_core`], [`candle_nn`]) and the technique
@@ -47,8 +55,10 @@ pub mod randomness;
 pub mod spec;
 pub mod train;
 
-pub use build::BuildOptions;
-pub use config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig, Technique};
+pub use build::{BuildOptions, StackHooks};
+pub use config::{
+    DecoderConfig, EncoderConfig, EncoderDecoderConfig, LayerRouter, LayerTechnique, Technique,
+};
 pub use data::ByteCorpus;
 pub use decoder::{Decoder, DecoderInputs, DecoderOutput, IncrementalState, Memory};
 pub use encoder::{Encoder, EncoderInputs, EncoderOutput};
