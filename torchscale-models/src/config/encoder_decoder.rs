@@ -495,6 +495,13 @@ impl EncoderDecoderConfig {
             decoder_layers: self.decoder_layers,
         }
     }
+    /// Whether layer `i` (0-based) is an MoE layer by the `moe_freq` rule, which both stacks
+    /// follow unless `encoder_moe_layers` / `decoder_moe_layers` list their MoE layers (ask
+    /// [`encoder_config`](Self::encoder_config) or [`decoder_config`](Self::decoder_config)
+    /// for one side).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        per_layer::is_moe_layer(None, self.moe_freq, i)
+    }
 
     /// Sets `encoder_embed_dim` and `decoder_embed_dim`.
     pub fn with_embed_dim(mut self, d: usize) -> Self {
