@@ -38,7 +38,7 @@ enum Cmd {
     ExportCheck(ExportCheckArgs),
     RefSetup(RefSetupArgs),
     Stability(StabilityArgs),
-    /// Benchmarks: `moe` (dispatch paths) and `train` (whole training steps)
+    /// Benchmarks: `moe` (dispatch paths), `train` (whole training steps), `routing` (routers)
     #[command(subcommand)]
     Bench(BenchCmd),
     /// The CUDA build (on a machine without a GPU) and running it (on the GPU machine)
@@ -88,6 +88,9 @@ fn run(command: Cmd) -> Result<ExitCode> {
             // Validate here so that a bad combination is a usage error (exit 2), as in clap.
             usage(&["bench", "train"], TrainArgs::into_opts(args.clone()));
             xtask::bench::train::main(args)?
+        }
+        Cmd::Bench(BenchCmd::Routing(args)) => {
+            xtask::bench::routing::main(args)?;
         }
         Cmd::Cuda(cmd) => xtask::cuda::main(cmd)?,
     }

@@ -1,7 +1,9 @@
 //! `cargo xtask bench <what>`: `moe` (index against one-hot dispatch) and `train` (whole training
-//! steps, side by side with PyTorch torchscale).
+//! steps, side by side with PyTorch torchscale) and `routing` (capacity, dropless and
+//! expert-choice routing on one MoE language model).
 
 pub mod moe;
+pub mod routing;
 pub mod train;
 pub mod train_configs;
 pub mod train_report;
@@ -18,6 +20,8 @@ pub enum BenchCmd {
     Moe(MoeArgs),
     /// Whole training steps, optionally side by side with PyTorch torchscale
     Train(TrainArgs),
+    /// Capacity routing against dropless and expert-choice routing (tokens/s, drops, loss)
+    Routing(routing::RoutingArgs),
 }
 
 /// The median (mean of the two middle values for an even count); 0 for an empty slice.
