@@ -12,7 +12,7 @@
 //! over the groups.
 //!
 //! [`grouped_layer_norm`] is the LayerNorm counterpart (one `weight` / `bias` row per group, the
-//! statistics per row as usual): the row kernels of [`crate::layer_norm`] run on each group's
+//! statistics per row as usual): the row kernels of [`mod@crate::layer_norm`] run on each group's
 //! block with its own affine, and the backward sums each group's rows into its own `dw` / `db`.
 
 use std::mem::MaybeUninit;
@@ -196,7 +196,7 @@ fn run_tasks<T: Send>(
 ///
 /// The fused kernel on CPU float tensors when fused kernels are on (an f64 `x` stays composed);
 /// [`grouped_layer_norm_composed`] otherwise. `weight` and `bias` may have another dtype than `x`
-/// (as for [`crate::layer_norm`]).
+/// (as for [`crate::layer_norm()`]).
 pub fn grouped_layer_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -218,7 +218,7 @@ pub fn grouped_layer_norm(
     x.apply_op3_arc(weight, bias, Arc::new(Box::new(op)))
 }
 
-/// [`grouped_layer_norm`] group by group: `narrow` each group's rows, [`crate::layer_norm`] with
+/// [`grouped_layer_norm`] group by group: `narrow` each group's rows, [`crate::layer_norm()`] with
 /// its row of `weight` and `bias` (the composed candle version when fused kernels are off), `cat`.
 /// The reference the fused kernel is tested against, and the path for f64 and other devices.
 pub fn grouped_layer_norm_composed(
