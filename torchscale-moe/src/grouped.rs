@@ -15,13 +15,6 @@
 //! product on weights already held as one `[E, out, in]` variable was about 1.1-1.3x faster than
 //! the loop at 64 (see the `grouped_timing` tests here and in torchscale-kernels).
 
-// Nothing outside the tests calls it until `MoeLayer` does (issue #13); then this expectation
-// goes unfulfilled and warns, and should be removed.
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "not yet called by MoeLayer (issue #13)")
-)]
-
 use candle_core::Tensor;
 use torchscale_core::dropout::dropout;
 use torchscale_core::ffn::FeedForward;

@@ -12,6 +12,7 @@ use torchscale_core::{
 
 use crate::config::MoeConfig;
 use crate::dispatch::{dense_combine, dense_dispatch_mask, DispatchPlan};
+use crate::expert_compute::{expert_compute, ExpertCompute};
 use crate::parallel::{agree_capacity, local_experts, CollectiveComm, ExpertComm};
 use crate::router::{build_router, DroplessRouter, ExpertChoiceRouter, Gate, MoeRouter};
 
@@ -281,6 +282,10 @@ impl MoeLayer {
             return Ok(x.zeros_like()?);
         }
         let rows = plan.gather_compact(x)?;
+        if expert_compute() == ExpertCompute::Grouped {
+            let out = crate::grouped::grouped_experts(&self.experts, &rows, &plan.counts, train)?;
+            return plan.combine(&out, &routing.gate);
+        }
         let offsets = plan.offsets();
         let mut outs = Vec::with_capacity(self.experts.len());
         for (e, expert) in self.experts.iter().enumerate() {

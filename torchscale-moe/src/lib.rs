@@ -60,6 +60,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dispatch;
+pub mod expert_compute;
 mod grouped;
 pub mod layer;
 pub mod parallel;
@@ -67,6 +68,7 @@ pub mod router;
 
 pub use config::{MoeConfig, SecondExpertPolicy};
 pub use dispatch::DispatchPlan;
+pub use expert_compute::{expert_compute, set_expert_compute, ExpertCompute};
 pub use layer::{MoeLayer, MoeOutput};
 pub use parallel::{CollectiveComm, ExpertComm, InProcessGroup, SingleProcess};
 pub use router::{

@@ -22,7 +22,7 @@ use torchscale_models::train::{
     MicroBatch, Schedule, Trainer, TrainerConfig,
 };
 use torchscale_models::DecoderInputs;
-use torchscale_moe::RouterChoice;
+use torchscale_moe::{set_expert_compute, ExpertCompute, RouterChoice};
 
 use super::median;
 use crate::paths::shown;
@@ -106,15 +106,22 @@ pub struct RoutingReport {
 }
 
 /// The routers compared, by display name.
-fn routers() -> Vec<(&'static str, RouterChoice)> {
+fn routers() -> Vec<(&'static str, RouterChoice, ExpertCompute)> {
+    let dropless = RouterChoice::Dropless { k: 2 };
     vec![
-        ("capacity top-2", RouterChoice::Capacity),
-        ("dropless top-2", RouterChoice::Dropless { k: 2 }),
+        (
+            "capacity top-2",
+            RouterChoice::Capacity,
+            ExpertCompute::Loop,
+        ),
+        ("dropless top-2", dropless.clone(), ExpertCompute::Loop),
+        ("dropless top-2 grouped", dropless, ExpertCompute::Grouped),
         (
             "expert-choice c=2",
             RouterChoice::ExpertChoice {
                 capacity_factor: 2.0,
             },
+            ExpertCompute::Loop,
         ),
     ]
 }
@@ -122,6 +129,7 @@ fn routers() -> Vec<(&'static str, RouterChoice)> {
 struct Run {
     experts: usize,
     name: &'static str,
+    compute: ExpertCompute,
     lm: LanguageModel,
     trainer: Trainer,
     times: Vec<f64>,
@@ -174,7 +182,11 @@ impl RoutingArgs {
 
 /// Runs the benchmark and writes `routing.json` under `args.out`.
 pub fn main(args: RoutingArgs) -> Result<RoutingReport> {
-    let args = args.settled();
+    // As a training loop should run: on one of rayon's workers (see `runtime::in_pool`).
+    torchscale_kernels::runtime::in_pool(|| run(args.settled()))
+}
+
+fn run(args: RoutingArgs) -> Result<RoutingReport> {
     ensure!(args.steps > args.warmup, "--steps must exceed --warmup");
     let dev = Device::Cpu;
     let corpus = ByteCorpus::from_file(&crate::paths::workspace_root().join("data/kjv.txt"), 0.02)?;
@@ -182,7 +194,7 @@ pub fn main(args: RoutingArgs) -> Result<RoutingReport> {
     let load0 = load_average();
     let mut runs = Vec::new();
     for &e in &args.experts {
-        for (name, choice) in routers() {
+        for (name, choice, compute) in routers() {
             let lm = LanguageModel::new(args.config(e, &choice), args.seed)
                 .with_context(|| format!("{name} with {e} experts"))?;
             let trainer = Trainer::new(
@@ -202,6 +214,7 @@ pub fn main(args: RoutingArgs) -> Result<RoutingReport> {
             runs.push(Run {
                 experts: e,
                 name,
+                compute,
                 lm,
                 trainer,
                 times: Vec::new(),
@@ -216,6 +229,7 @@ pub fn main(args: RoutingArgs) -> Result<RoutingReport> {
     }
     for step in 0..args.steps {
         for run in &mut runs {
+            set_expert_compute(run.compute);
             let t0 = Instant::now();
             let mut stats = Vec::new();
             let lm = &run.lm;
