@@ -594,7 +594,7 @@ fn an_overflowing_update_changes_nothing() {
             .unwrap();
             // g pushes b[0] upwards (towards +inf) and the others anywhere.
             let g = |s: f32, v: &Var| {
-                t(&[-1.0 * s, 0.5, -0.25, 1.0])
+                t(&[-s, 0.5, -0.25, 1.0])
                     .reshape((2, 2))
                     .unwrap()
                     .to_dtype(v.dtype())
