@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, TensorId, Var};
+use candle_core::{Tensor, TensorId, Var};
 use torchscale_clip::{GlobalNorm, SparseClip};
 use torchscale_core::collective::SingleProcess;
 use torchscale_core::init::ParamStore;
@@ -524,7 +524,7 @@ impl Trainer {
         let mut s = self.opt.state()?;
         s.insert(
             STEP_KEY.to_string(),
-            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+            super::optimizer::count_tensor(self.step)?,
         );
         Ok(s)
     }
@@ -532,25 +532,15 @@ impl Trainer {
     /// Restores [`Trainer::state`]; every tensor is checked against the parameters. Every rank
     /// loads the whole state (ZeRO-1 keeps its own slice of it).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let step = state.get(STEP_KEY).ok_or_else(|| Error::MissingTensor {
-            key: STEP_KEY.to_string(),
-        })?;
-        if step.elem_count() != 1 {
-            return Err(Error::TensorShape {
-                key: STEP_KEY.to_string(),
-                expected: vec![1],
-                got: step.dims().to_vec(),
-            });
-        }
-        let step = step.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?[0];
+        // Checked before anything is loaded (a negative count is an `Error::TensorValue`).
+        let step = super::optimizer::read_count(state, STEP_KEY)?;
         let opt_state: HashMap<String, Tensor> = state
             .iter()
             .filter(|(k, _)| k.as_str() != STEP_KEY)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.opt.load_state(&opt_state)?;
-        self.step = u64::try_from(step)
-            .map_err(|_| Error::invalid(STEP_KEY, format!("negative step {step}")))?;
+        self.step = step;
         Ok(())
     }
 }

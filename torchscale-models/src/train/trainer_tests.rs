@@ -2,6 +2,7 @@
 //! and optimizer state untouched, and a bad scheduled rate is an error.
 
 use super::*;
+use candle_core::{DType, Device};
 use candle_nn::Init;
 
 /// A store with one f16 `[2, 2]` weight (decayed) and one f32 `[2]` bias.
