@@ -144,11 +144,12 @@ pub fn adamw_update(
 /// operation, so the answer is exact.
 ///
 /// Why a read-only pass before the update instead of a check folded into it: the update works in
-/// place, so once it has found a non-finite value the elements before it (and the parameters
-/// updated before this one) are already overwritten. Undoing that needs the old values: a copy of
-/// the parameter and both moments, which is more memory traffic (three extra writes per element)
-/// and three times the parameter memory held for a whole step. This pass reads the four streams
-/// once and writes nothing, and needs no memory at all.
+/// place, so once it has found a non-finite value the elements before it (and the parameters an
+/// optimizer updated before this one: a step is all or nothing) are already overwritten. Undoing
+/// that needs the old values: a copy of every parameter and both its moments, held until the
+/// whole step is known to be finite, which is three extra writes per element and up to three
+/// times the parameters' memory. This pass reads the four streams once (about 4/7 of the
+/// update's memory traffic), writes nothing and needs no memory.
 pub fn adamw_check(
     param: &Tensor,
     grad: &Tensor,
