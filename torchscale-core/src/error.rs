@@ -56,6 +56,26 @@ pub enum Error {
         /// The state_dict key.
         key: String,
     },
+    /// A checkpoint tensor holds values it must not (a NaN or an infinity in an optimizer moment,
+    /// a negative second moment or count).
+    #[error("checkpoint tensor `{key}` {reason}")]
+    TensorValue {
+        /// The state_dict key.
+        key: String,
+        /// What is wrong with its values.
+        reason: String,
+    },
+    /// A file-system operation failed, or was refused to protect what is at the path (a save
+    /// onto a regular file, an unexpected entry where a checkpoint keeps its previous folder).
+    #[error("cannot {op} `{path}`: {reason}")]
+    FileOp {
+        /// The operation, in words (`fsync`, `create the folder`, `rename … to`, ...).
+        op: String,
+        /// The path it was applied to.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A file could not be read or parsed.
     #[error("cannot read `{path}`: {reason}")]
     File {
@@ -128,6 +148,18 @@ impl Error {
             what: what.into(),
             expected: expected.into(),
             got: got.to_vec(),
+        }
+    }
+    /// A [`Error::FileOp`]: `op` on `path` failed for `reason`.
+    pub fn file_op(
+        op: impl Into<String>,
+        path: impl AsRef<std::path::Path>,
+        reason: impl ToString,
+    ) -> Self {
+        Error::FileOp {
+            op: op.into(),
+            path: path.as_ref().display().to_string(),
+            reason: reason.to_string(),
         }
     }
     /// A [`Error::Invalid`] for `what`.

@@ -417,6 +417,33 @@ fn a_rank_that_left_is_named_at_once() {
 }
 
 #[test]
+fn a_rank_that_returns_an_error_before_the_exchange_does_not_hang_the_others() {
+    // The expert-parallel case: one rank fails (say, a bad batch) between two collectives and
+    // returns; its handle is dropped with its thread, so the others fail at once instead of
+    // waiting out the (long) timeout.
+    let start = Instant::now();
+    let out = LocalGroup::run_with_timeout(3, Duration::from_secs(300), |g| {
+        let t = Tensor::new(&[g.rank() as f32], &Device::Cpu)?;
+        g.all_reduce_sum(&t)?;
+        if g.rank() == 1 {
+            return Err(Error::invalid("batch", "rank 1 failed before the exchange"));
+        }
+        g.all_to_all(&[t.clone(), t.clone(), t])
+    });
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(out[1]
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("rank 1 failed"));
+    for (r, res) in out.into_iter().enumerate().filter(|(r, _)| *r != 1) {
+        let (op, rank, reason) = collective_err(res);
+        assert_eq!((op.as_str(), rank), ("all_to_all", r));
+        assert!(reason.contains("rank 1 has left"), "{reason}");
+    }
+}
+
+#[test]
 fn works_as_a_trait_object() {
     let out = all_ok(LocalGroup::run(2, |g| {
         let c: &dyn Collective = g;

@@ -1,5 +1,6 @@
 // Softmax over the last dimension, one block per row: forward y = exp(x - max) / sum, backward
-// dx = y (g - sum(g y)) from the saved output. A row of only -inf gives NaN, as the host does.
+// dx = y (g - sum(g y)) from the saved output. A row of only -inf (a fully masked attention row)
+// gives zeros, as the host does: it subtracts 0 instead of -inf and scales by 0 instead of 1 / 0.
 
 #include "common.cuh"
 
@@ -11,9 +12,11 @@ __device__ void softmax_fwd(const T *x, T *y, unsigned rows, unsigned d) {
     float m = -INFINITY;
     for (unsigned c = threadIdx.x; c < d; c += blockDim.x) m = fmaxf(m, to_f32(x[base + c]));
     m = block_max(m);
+    if (m == -INFINITY) m = 0.0f;
     float s = 0.0f;
     for (unsigned c = threadIdx.x; c < d; c += blockDim.x) s += expf(to_f32(x[base + c]) - m);
-    float inv = 1.0f / block_sum(s);
+    s = block_sum(s);
+    float inv = s == 0.0f ? 0.0f : 1.0f / s;
     for (unsigned c = threadIdx.x; c < d; c += blockDim.x)
         y[base + c] = from_f32<T>(expf(to_f32(x[base + c]) - m) * inv);
 }

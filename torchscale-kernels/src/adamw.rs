@@ -5,10 +5,16 @@
 //! reads the parameter, gradient and moments once and writes them back once, with exactly the
 //! composed operation order (f32 arithmetic on the same f32 constants), so both agree bit for bit
 //! up to the sign of zeros.
+//!
+//! [`adamw_check`] runs the same arithmetic without writing anything and says whether the update
+//! would leave every parameter and moment value finite, so that an optimizer can refuse a step
+//! before changing any parameter (see its documentation for why a separate read-only pass).
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use crate::cpu::as_f32;
@@ -121,6 +127,59 @@ pub fn adamw_update(
     v: &mut [f32],
     s: &AdamWStep,
 ) -> Result<()> {
+    check_args(param, grad, m.len(), v.len(), s)?;
+    if param.elem_count() == 0 {
+        return Ok(());
+    }
+    let op = AdamWOp {
+        c: Consts::new(s),
+        moments: Mutex::new((m, v)),
+    };
+    param.inplace_op2(grad, &op)
+}
+
+/// Whether [`adamw_update`] with these arguments would leave every value finite: the parameter
+/// (after rounding to its dtype, so an f16 parameter pushed past 65504 counts as infinite) and
+/// both moments. Nothing is written; the arithmetic is [`adamw_update`]'s, operation for
+/// operation, so the answer is exact.
+///
+/// Why a read-only pass before the update instead of a check folded into it: the update works in
+/// place, so once it has found a non-finite value the elements before it (and the parameters an
+/// optimizer updated before this one: a step is all or nothing) are already overwritten. Undoing
+/// that needs the old values: a copy of every parameter and both its moments, held until the
+/// whole step is known to be finite, which is three extra writes per element and up to three
+/// times the parameters' memory. This pass reads the four streams once (about 4/7 of the
+/// update's memory traffic), writes nothing and needs no memory.
+pub fn adamw_check(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &[f32],
+    v: &[f32],
+    s: &AdamWStep,
+) -> Result<bool> {
+    check_args(param, grad, m.len(), v.len(), s)?;
+    if param.elem_count() == 0 {
+        return Ok(true);
+    }
+    let c = Consts::new(s);
+    let (ps, pl) = param.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let (Storage::Cpu(ps), Storage::Cpu(gs)) = (&*ps, &*gs) else {
+        bail!("adamw: host moments need CPU tensors");
+    };
+    let Some((a, b)) = pl.contiguous_offsets() else {
+        bail!("adamw: the parameter must be contiguous");
+    };
+    Ok(match ps {
+        CpuStorage::F32(p) => check_run(&p[a..b], gs, gl, m, v, c)?,
+        CpuStorage::F16(p) => check_run(&p[a..b], gs, gl, m, v, c)?,
+        CpuStorage::BF16(p) => check_run(&p[a..b], gs, gl, m, v, c)?,
+        _ => bail!("adamw: parameter dtype must be f32, f16 or bf16"),
+    })
+}
+
+/// The checks [`adamw_update`] and [`adamw_check`] share.
+fn check_args(param: &Tensor, grad: &Tensor, m: usize, v: usize, s: &AdamWStep) -> Result<()> {
     s.validate()?;
     if grad.dims() != param.dims() {
         bail!(
@@ -130,12 +189,8 @@ pub fn adamw_update(
         );
     }
     let n = param.elem_count();
-    if m.len() != n || v.len() != n {
-        bail!(
-            "adamw: moments of {} and {} values for a parameter of {n}",
-            m.len(),
-            v.len()
-        );
+    if m != n || v != n {
+        bail!("adamw: moments of {m} and {v} values for a parameter of {n}");
     }
     if !param.device().is_cpu() || !grad.device().is_cpu() {
         bail!(
@@ -155,14 +210,7 @@ pub fn adamw_update(
     if !param.is_contiguous() {
         bail!("adamw: the parameter must be contiguous to be updated in place");
     }
-    if n == 0 {
-        return Ok(());
-    }
-    let op = AdamWOp {
-        c: Consts::new(s),
-        moments: Mutex::new((m, v)),
-    };
-    param.inplace_op2(grad, &op)
+    Ok(())
 }
 
 /// The composed candle update (the reference [`adamw_update`] is tested against, and the fallback
@@ -197,6 +245,20 @@ struct AdamWOp<'a> {
     moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
 }
 
+/// The update of one element, in the composed order: the new `(p, m, v)`, `p` still in f32.
+#[inline(always)]
+fn element<const DECAY: bool>(p: f32, g: f32, m: f32, v: f32, c: &Consts) -> (f32, f32, f32) {
+    let mut x = p;
+    if DECAY {
+        x *= c.decay;
+    }
+    let mn = m + (g - m) * c.one_minus_b1;
+    let vn = v * c.b2 + g * g * c.one_minus_b2;
+    let denom = vn.sqrt() * c.inv_bc2 + c.eps;
+    x -= mn / denom * c.step_size;
+    (x, mn, vn)
+}
+
 /// The update of one run of elements, in the composed order.
 #[inline(always)]
 fn kernel_impl<T: Elem, G: Elem, const DECAY: bool>(
@@ -207,19 +269,101 @@ fn kernel_impl<T: Elem, G: Elem, const DECAY: bool>(
     c: Consts,
 ) {
     for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g.to_f32();
-        let mut x = p.to_f32();
-        if DECAY {
-            x *= c.decay;
-        }
-        let mn = *m + (g - *m) * c.one_minus_b1;
-        let vn = *v * c.b2 + g * g * c.one_minus_b2;
-        let denom = vn.sqrt() * c.inv_bc2 + c.eps;
-        x -= mn / denom * c.step_size;
+        let (x, mn, vn) = element::<DECAY>(p.to_f32(), g.to_f32(), *m, *v, &c);
         *m = mn;
         *v = vn;
         *p = T::from_f32(x);
     }
+}
+
+/// Whether the update of one run of elements leaves them all finite (nothing is written).
+#[inline(always)]
+fn check_impl<T: Elem, G: Elem, const DECAY: bool>(
+    p: &[T],
+    g: &[G],
+    m: &[f32],
+    v: &[f32],
+    c: Consts,
+) -> bool {
+    // An integer OR reduction (no early exit) so that the loop vectorizes like the update.
+    let mut bad = 0u32;
+    for (((p, g), m), v) in p.iter().zip(g).zip(m).zip(v) {
+        let (x, mn, vn) = element::<DECAY>(p.to_f32(), g.to_f32(), *m, *v, &c);
+        let x = T::from_f32(x).to_f32();
+        bad |= u32::from(!(x.is_finite() & mn.is_finite() & vn.is_finite()));
+    }
+    bad == 0
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn check_avx512<T: Elem, G: Elem, const DECAY: bool>(
+    p: &[T],
+    g: &[G],
+    m: &[f32],
+    v: &[f32],
+    c: Consts,
+) -> bool {
+    check_impl::<T, G, DECAY>(p, g, m, v, c)
+}
+
+fn check_kernel<T: Elem, G: Elem>(
+    p: &[T],
+    g: &[G],
+    m: &[f32],
+    v: &[f32],
+    c: Consts,
+    avx512: bool,
+) -> bool {
+    let decay = c.decay != 1.0;
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the caller found AVX-512F on this CPU (`has_avx512`).
+        return unsafe {
+            if decay {
+                check_avx512::<T, G, true>(p, g, m, v, c)
+            } else {
+                check_avx512::<T, G, false>(p, g, m, v, c)
+            }
+        };
+    }
+    let _ = avx512;
+    if decay {
+        check_impl::<T, G, true>(p, g, m, v, c)
+    } else {
+        check_impl::<T, G, false>(p, g, m, v, c)
+    }
+}
+
+fn check_all<T: Elem, G: Elem>(p: &[T], g: &[G], m: &[f32], v: &[f32], c: Consts) -> bool {
+    let avx512 = has_avx512();
+    if p.len() <= CHUNK {
+        return check_kernel(p, g, m, v, c, avx512);
+    }
+    p.par_chunks(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+        .all(|((p, g), (m, v))| check_kernel(p, g, m, v, c, avx512))
+}
+
+/// [`check_all`] with the gradient read as [`run`] reads it.
+fn check_run<T: Elem>(
+    p: &[T],
+    gs: &CpuStorage,
+    gl: &Layout,
+    m: &[f32],
+    v: &[f32],
+    c: Consts,
+) -> Result<bool> {
+    Ok(
+        match (
+            gl.contiguous_offsets(),
+            <T as WithDType>::cpu_storage_as_slice(gs),
+        ) {
+            (Some((a, b)), Ok(g)) => check_all(p, &g[a..b], m, v, c),
+            _ => check_all(p, &as_f32(gs, gl)?, m, v, c),
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,10 @@
 //! Softmax over the last dimension, one pass per row each way, with a backward
 //! `dx = y (g - sum(g y))` from the saved output.
 //!
+//! A row whose entries are all `-inf` (a fully masked attention row) gives zeros, not NaN: it
+//! attends to nothing. Its backward is zero too. Every other row is untouched by that rule, bit
+//! for bit (its max is finite and its sum at least 1).
+//!
 //! candle_nn's own `ops::softmax_last_dim` has no backward (it silently cuts the graph), and the
 //! composed `ops::softmax` allocates five tensors forward and more backward.
 
@@ -17,7 +21,8 @@ use crate::switch::fused_enabled;
 
 /// Softmax over the last dimension of `x`: the fused kernel on CPU f32 / f16 / bf16 tensors (and,
 /// with the `cuda` feature, on CUDA ones) when fused kernels are on, [`softmax_last_dim_composed`] otherwise (f64 stays composed, keeping f64
-/// precision). `-inf` entries get probability 0; a row of only `-inf` gives NaN, as composed.
+/// precision). `-inf` entries get probability 0; a row of only `-inf` gives zeros (and zero
+/// gradient), as composed.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last_dim: needs at least one dimension, got a scalar");
@@ -38,14 +43,28 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// candle_nn's composed `softmax` over the last dimension, in f32 for half types, cast back (the
-/// reference the fused kernel is tested against).
+/// reference the fused kernel is tested against), except that a row of only `-inf` gives zeros
+/// with a zero gradient instead of NaN.
 pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     if dtype == DType::F32 || dtype == DType::F64 {
-        candle_nn::ops::softmax(x, D::Minus1)
+        softmax_zero_dead_rows(x)
     } else {
-        candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+        softmax_zero_dead_rows(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
     }
+}
+
+/// candle_nn's `softmax` over the last dimension (`exp(x - max) / sum`) with two fixes on
+/// `[.., 1]` tensors only: a row whose max is `-inf` subtracts 0 instead (so its `exp` is 0, not
+/// `exp(NaN)`), and its zero sum becomes 1 (so `0 / 1 = 0`). Other rows see the same values and
+/// the same gradients as candle_nn's (`where` keeps their max, `+ 0` their sum).
+fn softmax_zero_dead_rows(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let dead = max.eq(f64::NEG_INFINITY)?;
+    let max = dead.where_cond(&max.zeros_like()?, &max)?;
+    let num = x.broadcast_sub(&max)?.exp()?;
+    let den = (num.sum_keepdim(D::Minus1)? + dead.to_dtype(x.dtype())?)?;
+    num.broadcast_div(&den)
 }
 
 /// The fused softmax.
@@ -70,7 +89,7 @@ fn fwd_narrow<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
     let group = (1024 / d).max(1) * d;
     for (x, y) in x.chunks(group).zip(y.chunks_mut(group)) {
         for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let m = max1(x);
+            let m = live_max(max1(x));
             for (o, &v) in y.iter_mut().zip(x) {
                 *o = v - m;
             }
@@ -79,7 +98,7 @@ fn fwd_narrow<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
             *o = exp_nonpos::<FMA>(*o);
         }
         for y in y.chunks_exact_mut(d) {
-            let inv = 1.0 / sum1(y, |v| v);
+            let inv = inv_sum(sum1(y, |v| v));
             for o in y {
                 *o *= inv;
             }
@@ -93,7 +112,7 @@ fn fwd_narrow<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
 fn fwd_wide<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
     let bulk = d - d % LANES;
     for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let m = max1(x);
+        let m = live_max(max1(x));
         let (xb, xt) = x.split_at(bulk);
         let (yb, yt) = y.split_at_mut(bulk);
         let mut sums = [0f32; LANES];
@@ -106,10 +125,31 @@ fn fwd_wide<const FMA: bool>(x: &[f32], y: &mut [f32], d: usize) {
         for (o, &v) in yt.iter_mut().zip(xt) {
             *o = exp_nonpos::<FMA>(v - m);
         }
-        let inv = 1.0 / (hsum(sums) + yt.iter().sum::<f32>());
+        let inv = inv_sum(hsum(sums) + yt.iter().sum::<f32>());
         for o in y.iter_mut() {
             *o *= inv;
         }
+    }
+}
+
+/// The row max to subtract: 0 for a row of only `-inf`, so that its `exp` gives 0, not NaN.
+#[inline(always)]
+fn live_max(m: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m
+    }
+}
+
+/// `1 / sum`, or 0 for the zero sum of a row of only `-inf` (its output is then 0, not
+/// `0 * inf`); a NaN sum stays NaN.
+#[inline(always)]
+fn inv_sum(sum: f32) -> f32 {
+    if sum == 0.0 {
+        0.0
+    } else {
+        1.0 / sum
     }
 }
 

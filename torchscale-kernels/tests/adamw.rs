@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, randn};
-use torchscale_kernels::adamw::{adamw_composed, adamw_update, AdamWStep};
+use torchscale_kernels::adamw::{adamw_check, adamw_composed, adamw_update, AdamWStep};
 
 fn hp(weight_decay: f64, step: u64) -> AdamWStep {
     AdamWStep {
@@ -181,6 +181,64 @@ fn bad_arguments_are_errors() {
     assert!(m.iter().chain(&v).all(|x| *x == 0.0));
 }
 
+/// `adamw_check` against the update it predicts: true exactly when every value the update writes
+/// is finite, and it writes nothing.
+#[test]
+fn check_predicts_a_finite_update() {
+    let dev = Device::Cpu;
+    // (parameter, dtype, gradient, lr, eps, expected): ordinary values, an f16 parameter pushed
+    // past 65504, an f32 parameter pushed past f32::MAX, a gradient whose square overflows the
+    // second moment, and 0/0 from a zero gradient with eps = 0.
+    let cases: [(f32, DType, f32, f64, f64, bool); 6] = [
+        (1.0, DType::F32, 0.5, 1e-2, 1e-8, true),
+        (1.0, DType::F16, 0.5, 1e-2, 1e-8, true),
+        (1.0, DType::F16, 0.5, 1e6, 1e-8, false),
+        (f32::MAX, DType::F32, -1.0, 1e35, 1e-8, false),
+        (1.0, DType::F32, 1e20, 1e-2, 1e-8, false),
+        (1.0, DType::F32, 0.0, 1e-2, 0.0, false),
+    ];
+    for (i, (p0, dt, g0, lr, eps, want)) in cases.into_iter().enumerate() {
+        // Large enough to be checked in parallel chunks; the odd value sits in the last one.
+        let n = 200_003;
+        let mut pv = vec![0.25f32; n];
+        let mut gv = vec![0.125f32; n];
+        (pv[n - 2], gv[n - 2]) = (p0, g0);
+        if eps == 0.0 {
+            gv[n - 2] = 0.0;
+        }
+        let p = Var::from_tensor(&Tensor::from_vec(pv, n, &dev).unwrap().to_dtype(dt).unwrap())
+            .unwrap();
+        let g = Tensor::from_vec(gv, n, &dev).unwrap().to_dtype(dt).unwrap();
+        let before = to_vec(p.as_tensor());
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let s = AdamWStep {
+            lr,
+            eps,
+            ..hp(0.0, 1)
+        };
+        assert_eq!(
+            adamw_check(p.as_tensor(), &g, &m, &v, &s).unwrap(),
+            want,
+            "case {i}"
+        );
+        assert_eq!(to_vec(p.as_tensor()), before, "case {i}: check wrote");
+        adamw_update(p.as_tensor(), &g, &mut m, &mut v, &s).unwrap();
+        let finite = to_vec(p.as_tensor())
+            .iter()
+            .chain(&m)
+            .chain(&v)
+            .all(|x| x.is_finite());
+        assert_eq!(
+            finite, want,
+            "case {i}: the update disagrees with the check"
+        );
+    }
+    // Bad arguments are errors, as for the update.
+    let p = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    assert!(adamw_check(&p, &p, &[0.0; 3], &[0.0; 4], &hp(0.0, 1)).is_err());
+    assert!(adamw_check(&p, &p, &[0.0; 4], &[0.0; 4], &hp(0.0, 0)).is_err());
+}
+
 /// Times one update of a 54M-parameter model (12 layers of 4 × 512×512 and 2 × 2048×512 with
 /// biases and norms, a 32000×512 embedding), fused against composed.
 /// `cargo test --release -p torchscale-kernels --test adamw -- --ignored --nocapture`
@@ -232,6 +290,13 @@ fn timing() {
         }
     }
     let fused = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let start = std::time::Instant::now();
+    for step in 1..=reps {
+        for ((p, g), (m, v)) in params.iter().zip(&grads).zip(&host) {
+            assert!(adamw_check(p, g, m, v, &hp(0.01, step)).unwrap());
+        }
+    }
+    let check = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
     let mut params = params;
     let start = std::time::Instant::now();
     for step in 1..=reps {
@@ -242,8 +307,8 @@ fn timing() {
     }
     let composed = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
     println!(
-        "adamw over {total} parameters: fused {fused:.1} ms, composed {composed:.1} ms \
-         ({:.1}x)",
+        "adamw over {total} parameters: fused {fused:.1} ms (+ {check:.1} ms finite check), \
+         composed {composed:.1} ms ({:.1}x)",
         composed / fused
     );
 }

@@ -1,10 +1,11 @@
 //! The fused attention against the composed candle attention: outputs and the gradients of q, k
-//! and v, with and without masks, odd sizes, strided inputs, half precision and NaN rows.
+//! and v, with and without masks, odd sizes, strided inputs, half precision and fully masked
+//! rows (zeros, not NaN).
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{both_paths, check, randn, var};
+use common::{assert_dead_rows_zero, assert_finite, both_paths, check, dead_rows, randn, var};
 use torchscale_kernels::attention::{attention, attention_composed, AttentionOptions};
 use torchscale_kernels::with_fused;
 
@@ -138,41 +139,78 @@ fn half_precision() {
 }
 
 #[test]
-fn fully_masked_rows_are_nan_in_both_paths() {
-    let (b, t, s, h, d) = (3, 5, 4, 2, 3);
-    let q = var(11, &[b, t, h, d], 1.0, DType::F32);
-    let k = var(12, &[b, s, h, d], 1.0, DType::F32);
-    let v = var(13, &[b, s, h, d], 1.0, DType::F32);
-    // Batch 1 has every key padded, batch 2 keys 0 and 3. Mask row 2 is all -inf, row 3 keeps
-    // only key 3 and row 4 only key 0: both fully masked in batch 2.
-    let pad = Tensor::new(&[[0u8, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 1]], &Device::Cpu).unwrap();
-    let mut m = vec![0f32; t * s];
-    m[2 * s..3 * s].fill(f32::NEG_INFINITY);
-    m[3 * s..3 * s + 3].fill(f32::NEG_INFINITY);
-    m[4 * s + 1..5 * s].fill(f32::NEG_INFINITY);
-    let mask = Tensor::from_vec(m, (t, s), &Device::Cpu).unwrap();
-    for (name, mask, pad) in [
-        ("padding", None, Some(pad.clone())),
-        ("mask", Some(mask.clone()), None),
-        ("both", Some(mask), Some(pad)),
-    ] {
-        let o = opts(d, mask, pad);
-        let y = attention(&q, &k, &v, &o).unwrap();
-        assert!(y
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .any(|x| x.is_nan()));
-        check(&format!("NaN rows, {name}"), &[&q, &k, &v], 1e-5, || {
-            attention(&q, &k, &v, &o)
-        });
-        // The NaN rows spread into the gradients (identically on both paths, checked above).
-        let (_, grads) = both_paths(&[&q, &k, &v], || attention(&q, &k, &v, &o));
-        let dv = grads[2].0.as_ref().unwrap().flatten_all().unwrap();
-        let dv = dv.to_vec1::<f32>().unwrap();
-        assert!(dv.iter().any(|x| x.is_nan()), "{name}: dv has no NaN");
+fn fully_masked_rows_give_zeros_in_both_paths() {
+    // Small heads (the direct kernels on AVX-512), then more keys than those take (`gemm` and the
+    // column softmax, with several row blocks).
+    for (b, t, s, h, d) in [(3, 5, 4, 2, 3), (3, 70, 200, 2, 8)] {
+        let q = var(11, &[b, t, h, d], 1.0, DType::F32);
+        let k = var(12, &[b, s, h, d], 1.0, DType::F32);
+        let v = var(13, &[b, s, h, d], 1.0, DType::F32);
+        // Batch 1 has every key padded, batch 2 its first and last keys. Mask row 2 is all -inf,
+        // row 3 keeps only the last key and row 4 only key 0: both fully masked in batch 2.
+        let mut p = vec![0u8; b * s];
+        p[s..2 * s].fill(1);
+        p[2 * s] = 1;
+        p[3 * s - 1] = 1;
+        let pad = Tensor::from_vec(p, (b, s), &Device::Cpu).unwrap();
+        let mut m = vec![0f32; t * s];
+        m[2 * s..3 * s].fill(f32::NEG_INFINITY);
+        m[3 * s..4 * s - 1].fill(f32::NEG_INFINITY);
+        m[4 * s + 1..5 * s].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(m, (t, s), &Device::Cpu).unwrap();
+        for (name, mask, pad) in [
+            ("padding", None, Some(pad.clone())),
+            ("mask", Some(mask.clone()), None),
+            ("both", Some(mask), Some(pad)),
+        ] {
+            let name = format!("{name} s {s}");
+            let dead = dead_rows(mask.as_ref(), pad.as_ref(), (b, t, s));
+            assert!(dead.iter().any(|&x| x), "{name}: no fully masked row");
+            let o = opts(d, mask, pad);
+            check(&format!("dead rows, {name}"), &[&q, &k, &v], 1e-5, || {
+                attention(&q, &k, &v, &o)
+            });
+            let ((yf, yc), grads) = both_paths(&[&q, &k, &v], || attention(&q, &k, &v, &o));
+            assert_dead_rows_zero(&format!("{name} fused"), &yf, &dead);
+            assert_dead_rows_zero(&format!("{name} composed"), &yc, &dead);
+            for (i, (gf, gc)) in grads.iter().enumerate() {
+                assert_finite(&format!("{name} fused grad {i}"), gf.as_ref().unwrap());
+                assert_finite(&format!("{name} composed grad {i}"), gc.as_ref().unwrap());
+            }
+            // A fully masked query row takes no part: its q gets no gradient.
+            let (dqf, dqc) = (grads[0].0.as_ref().unwrap(), grads[0].1.as_ref().unwrap());
+            assert_dead_rows_zero(&format!("{name} dq"), dqf, &dead);
+            assert_dead_rows_zero(&format!("{name} dq composed"), dqc, &dead);
+        }
+    }
+}
+
+/// A batch element with a fully masked row leaves the other batch elements exactly as they are
+/// computed without it, on both paths.
+#[test]
+fn dead_batch_leaves_the_others_bitwise() {
+    let (t, h, d) = (6, 2, 4);
+    let q = randn(14, &[2, t, h, d], 1.0, DType::F32);
+    let k = randn(15, &[2, t, h, d], 1.0, DType::F32);
+    let v = randn(16, &[2, t, h, d], 1.0, DType::F32);
+    // Left padding: batch 1's first two keys are padded, so under the causal mask its first two
+    // query rows see only padded keys.
+    let pad = Tensor::new(&[[0u8, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+    let o = opts(d, Some(causal(t, t, DType::F32)), Some(pad.clone()));
+    let one = |x: &Tensor| x.narrow(0, 0, 1).unwrap();
+    let o1 = opts(d, Some(causal(t, t, DType::F32)), Some(one(&pad)));
+    for on in [true, false] {
+        let both = with_fused(on, || attention(&q, &k, &v, &o)).unwrap();
+        let alone = with_fused(on, || attention(&one(&q), &one(&k), &one(&v), &o1)).unwrap();
+        let first = both.narrow(0, 0, 1).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            first.to_vec1::<f32>().unwrap(),
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "fused {on}"
+        );
+        let dead = dead_rows(Some(&causal(t, t, DType::F32)), Some(&pad), (2, t, t));
+        assert_eq!(dead.iter().filter(|&&x| x).count(), 2);
+        assert_dead_rows_zero(&format!("left padding, fused {on}"), &both, &dead);
     }
 }
 

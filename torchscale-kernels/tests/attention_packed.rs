@@ -1,12 +1,14 @@
 //! The packed self-attention `attention_packed(qkv, heads)` against its composed fallback (fused
 //! off) and against the unpacked fused kernel on the same numbers: outputs and the gradient of
-//! qkv, with and without masks, NaN rows, odd sizes, several row blocks, half precision and
+//! qkv, with and without masks, fully masked rows, odd sizes, several row blocks, half precision and
 //! strided projections.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{assert_close, both_paths, check, randn, var};
+use common::{
+    assert_close, assert_dead_rows_zero, assert_finite, both_paths, check, dead_rows, randn, var,
+};
 use torchscale_kernels::attention::{attention, attention_packed, AttentionOptions};
 use torchscale_kernels::with_fused;
 
@@ -99,10 +101,11 @@ fn half_precision() {
 }
 
 #[test]
-fn fully_padded_batch_gives_nan_rows_in_both_paths() {
+fn fully_masked_rows_give_zeros_in_both_paths() {
     let (b, t, h, d) = (3, 5, 2, 3);
     let qkv = var(11, &[b, t, 3 * h * d], 1.0, DType::F32);
-    // Batch 1 has every key padded (its rows are NaN), batch 2 keys 0 and 3.
+    // Batch 1 has every key padded, batch 2 keys 0 and 3; with the causal mask batch 2's first
+    // row (which sees key 0 only) is fully masked too, as in left padding.
     let pad = Tensor::new(
         &[[0u8, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 1, 0]],
         &Device::Cpu,
@@ -112,16 +115,19 @@ fn fully_padded_batch_gives_nan_rows_in_both_paths() {
         ("padding", None),
         ("causal+padding", Some(causal(t, DType::F32))),
     ] {
+        let dead = dead_rows(mask.as_ref(), Some(&pad), (b, t, t));
         let o = opts(d, mask, Some(pad.clone()));
-        let y = attention_packed(&qkv, h, &o).unwrap();
-        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(y.iter().any(|x| x.is_nan()), "{name}: no NaN row");
-        check(&format!("NaN rows, {name}"), &[&qkv], 1e-5, || {
+        check(&format!("dead rows, {name}"), &[&qkv], 1e-5, || {
             attention_packed(&qkv, h, &o)
         });
-        let (_, grads) = both_paths(&[&qkv], || attention_packed(&qkv, h, &o));
-        let g = grads[0].0.as_ref().unwrap().flatten_all().unwrap();
-        assert!(g.to_vec1::<f32>().unwrap().iter().any(|x| x.is_nan()));
+        let ((yf, yc), grads) = both_paths(&[&qkv], || attention_packed(&qkv, h, &o));
+        assert_dead_rows_zero(&format!("{name} fused"), &yf, &dead);
+        assert_dead_rows_zero(&format!("{name} composed"), &yc, &dead);
+        assert_finite(&format!("{name} fused grad"), grads[0].0.as_ref().unwrap());
+        assert_finite(
+            &format!("{name} composed grad"),
+            grads[0].1.as_ref().unwrap(),
+        );
     }
 }
 

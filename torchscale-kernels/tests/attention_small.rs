@@ -1,13 +1,13 @@
 //! The direct small-head attention kernels (head dim up to 128 and up to 192 keys, on
 //! AVX-512: groups of 16 query rows in registers instead of `gemm` products) against the
 //! composed attention, packed and unpacked: head dims and lengths on both sides of every 16-lane
-//! boundary, every mask case, NaN rows, partial gradients, strided operands, half precision, and
-//! both sides of the switch to `gemm`.
+//! boundary, every mask case, fully masked rows (zeros), partial gradients, strided operands,
+//! half precision, and both sides of the switch to `gemm`.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{both_paths, check, randn, var};
+use common::{assert_dead_rows_zero, assert_finite, both_paths, check, dead_rows, randn, var};
 use torchscale_kernels::attention::{attention, attention_packed, AttentionOptions};
 
 /// The additive causal mask `[t, s]` (-inf above the diagonal), in `dtype`.
@@ -147,13 +147,13 @@ fn partial_gradients() {
 }
 
 #[test]
-fn nan_rows() {
+fn fully_masked_rows() {
     let (b, t, h, d) = (3, 20, 2, 5);
     let q = var(20, &[b, t, h, d], 1.0, DType::F32);
     let k = var(21, &[b, t, h, d], 1.0, DType::F32);
     let v = var(22, &[b, t, h, d], 1.0, DType::F32);
     // Batch 1: every key padded; batch 2: keys 0 and 19. Mask row 17 is all -inf, row 18 keeps
-    // only key 19 (padded in batch 2: NaN there too).
+    // only key 19 (padded in batch 2: fully masked there too). Such rows give zeros.
     let mut p = vec![0u8; b * t];
     p[t..2 * t].fill(1);
     p[2 * t] = 1;
@@ -173,15 +173,18 @@ fn nan_rows() {
             attn_mask,
             key_padding_mask,
         };
-        check(&format!("NaN rows {name}"), &[&q, &k, &v], 1e-5, || {
+        let dead = dead_rows(o.attn_mask.as_ref(), o.key_padding_mask.as_ref(), (b, t, t));
+        check(&format!("dead rows {name}"), &[&q, &k, &v], 1e-5, || {
             attention(&q, &k, &v, &o)
         });
-        let (_, grads) = both_paths(&[&q, &k, &v], || attention(&q, &k, &v, &o));
-        let dv = grads[2].0.as_ref().unwrap().flatten_all().unwrap();
-        assert!(
-            dv.to_vec1::<f32>().unwrap().iter().any(|x| x.is_nan()),
-            "{name}: dv"
-        );
+        let ((yf, yc), grads) = both_paths(&[&q, &k, &v], || attention(&q, &k, &v, &o));
+        assert_dead_rows_zero(&format!("{name} fused"), &yf, &dead);
+        assert_dead_rows_zero(&format!("{name} composed"), &yc, &dead);
+        for (i, (gf, gc)) in grads.iter().enumerate() {
+            assert_finite(&format!("{name} fused grad {i}"), gf.as_ref().unwrap());
+            assert_finite(&format!("{name} composed grad {i}"), gc.as_ref().unwrap());
+        }
+        assert_dead_rows_zero(&format!("{name} dq"), grads[0].0.as_ref().unwrap(), &dead);
     }
 }
 

@@ -218,7 +218,29 @@ fn softmax_matches_cpu() {
         &Device::Cpu,
     )
     .unwrap();
-    compare("softmax masked", &[var(x), constant(mask)], 1e-5, |t| {
+    compare(
+        "softmax masked",
+        &[var(x.clone()), constant(mask)],
+        1e-5,
+        |t| softmax_last_dim(&(&t[0] + &t[1])?),
+    );
+    // Rows of only -inf (fully masked attention rows) give zeros and a zero gradient, as on the
+    // CPU (a NaN on one side fails the comparison).
+    let dead = Tensor::from_vec(
+        (0..6 * 45)
+            .map(|i| {
+                if i / 45 == 2 || i / 45 == 5 || i % 45 > i / 45 * 7 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<_>>(),
+        (6, 45),
+        &Device::Cpu,
+    )
+    .unwrap();
+    compare("softmax dead rows", &[var(x), constant(dead)], 1e-5, |t| {
         softmax_last_dim(&(&t[0] + &t[1])?)
     });
 }
@@ -290,7 +312,41 @@ fn attention_matches_cpu() {
         &Device::Cpu,
     )
     .unwrap();
+    // Batch 0 left-padded by 2 (under the causal mask its first two query rows see only padded
+    // keys), batch 1 entirely padded: fully masked rows give zeros, not NaN, on both devices.
+    let left = Tensor::from_vec(
+        vec![1u8, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        (b, t),
+        &Device::Cpu,
+    )
+    .unwrap();
     for dtype in DTYPES {
+        let inputs = [
+            var(randn(22, &[b, t, h, d], 1.0, dtype)),
+            var(randn(23, &[b, t, h, d], 1.0, dtype)),
+            var(randn(24, &[b, t, h, d], 1.0, dtype)),
+            constant(causal.clone()),
+            constant(left.clone()),
+        ];
+        let what = format!("attention dead rows {dtype:?}");
+        compare(&what, &inputs, tol(dtype), |x| {
+            let mut opts = AttentionOptions::new(0.25);
+            opts.attn_mask = Some(x[3].clone());
+            opts.key_padding_mask = Some(x[4].clone());
+            attention(&x[0], &x[1], &x[2], &opts)
+        });
+        let inputs = [
+            var(randn(25, &[b, t, 3 * h * d], 1.0, dtype)),
+            constant(causal.clone()),
+            constant(left.clone()),
+        ];
+        let what = format!("attention_packed dead rows {dtype:?}");
+        compare(&what, &inputs, tol(dtype), |x| {
+            let mut opts = AttentionOptions::new(0.25);
+            opts.attn_mask = Some(x[1].clone());
+            opts.key_padding_mask = Some(x[2].clone());
+            attention_packed(&x[0], h, &opts)
+        });
         let inputs = [
             var(randn(18, &[b, t, h, d], 1.0, dtype)),
             var(randn(19, &[b, t, h, d], 1.0, dtype)),

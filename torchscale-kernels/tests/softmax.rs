@@ -1,5 +1,5 @@
 //! The fused last-dim softmax against candle_nn's composed softmax: values and input gradients,
-//! including `-inf` entries and rows of only `-inf`.
+//! including `-inf` entries and rows of only `-inf` (zeros, not NaN).
 
 mod common;
 
@@ -63,10 +63,71 @@ fn minus_infinity_entries() {
     }
     let x = Var::from_tensor(&Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()).unwrap();
     check("softmax with -inf", &[&x], 1e-5, || softmax_last_dim(&x));
-    let y = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
-    assert!(y[2].iter().all(|p| p.is_nan()), "all -inf row gives NaN");
-    assert_eq!(y[0][0], 0.0);
-    assert!((y[0].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    for on in [true, false] {
+        let y = with_fused(on, || softmax_last_dim(&x)).unwrap();
+        let y = y.to_vec2::<f32>().unwrap();
+        assert!(y[2].iter().all(|&p| p == 0.0), "all -inf row gives zeros");
+        assert_eq!(y[0][0], 0.0);
+        assert!((y[0].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+}
+
+/// Rows of only -inf (fully masked attention rows) give zeros and a zero gradient on both paths,
+/// narrow and wide rows alike, and leave every other row bit for bit as candle_nn computes it.
+#[test]
+fn all_minus_infinity_rows_give_zeros_and_zero_gradients() {
+    for d in [1, 5, 64, 300] {
+        let rows = 6;
+        let mut v = randn(7, &[rows, d], 1.0, DType::F32)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, x) in v.iter_mut().enumerate() {
+            if i / d == 1 || i / d == 4 || (i % 2 == 0 && d > 1) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        let x = Var::from_tensor(&Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()).unwrap();
+        check(&format!("dead rows d {d}"), &[&x], 1e-5, || {
+            softmax_last_dim(&x)
+        });
+        let reference = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for on in [true, false] {
+            let y = with_fused(on, || softmax_last_dim(&x)).unwrap();
+            let w = randn(8, &[rows, d], 1.0, DType::F32);
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(&x).unwrap().to_vec2::<f32>().unwrap();
+            let y = y.to_vec2::<f32>().unwrap();
+            for r in 0..rows {
+                if r == 1 || r == 4 {
+                    assert!(y[r].iter().all(|&p| p == 0.0), "fused {on} d {d} row {r}");
+                    assert!(g[r].iter().all(|&p| p == 0.0), "fused {on} d {d} grad {r}");
+                } else {
+                    assert!(g[r].iter().all(|p| p.is_finite()));
+                    if !on {
+                        // The composed path is candle_nn's on every other row.
+                        assert_eq!(y[r], reference[r], "d {d} row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A NaN entry still poisons its row (only all -inf rows are special).
+#[test]
+fn nan_rows_stay_nan() {
+    let x = Tensor::new(&[[0.5f32, f32::NAN, 1.0], [1.0, 2.0, 3.0]], &Device::Cpu).unwrap();
+    for on in [true, false] {
+        let y = with_fused(on, || softmax_last_dim(&x)).unwrap();
+        let y = y.to_vec2::<f32>().unwrap();
+        assert!(y[0].iter().all(|p| p.is_nan()), "fused {on}: {y:?}");
+        assert!(y[1].iter().all(|p| p.is_finite()));
+    }
 }
 
 #[test]

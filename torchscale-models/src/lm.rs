@@ -277,7 +277,8 @@ impl LanguageModel {
 
     /// Samples `n` ids after `prompt` (a `<s>` is put in front) with incremental decoding:
     /// the prompt is run once, then one token per step against the key/value cache.
-    /// `temperature <= 0` is greedy; `top_k = 0` keeps every candidate.
+    /// `temperature <= 0` is greedy; `top_k = 0` keeps every candidate. A NaN or infinite
+    /// temperature is an [`Error::Config`] for `temperature`.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -286,6 +287,12 @@ impl LanguageModel {
         top_k: usize,
         seed: u64,
     ) -> Result<Vec<u32>> {
+        if !temperature.is_finite() {
+            return Err(Error::config(
+                "temperature",
+                format!("must be finite, got {temperature}"),
+            ));
+        }
         let dev = self
             .store
             .vars()
@@ -367,10 +374,10 @@ impl LanguageModel {
         };
         // The folder as a whole is swapped in atomically, so its files are written plainly.
         checkpoint_dir::save_atomic(dir, |tmp| {
-            std::fs::write(tmp.join(MODEL_FILE), &model)?;
-            std::fs::write(tmp.join(CONFIG_FILE), &config)?;
+            checkpoint_dir::write_file(&tmp.join(MODEL_FILE), &model)?;
+            checkpoint_dir::write_file(&tmp.join(CONFIG_FILE), &config)?;
             if let Some(bytes) = &trainer {
-                std::fs::write(tmp.join(TRAINER_FILE), bytes)?;
+                checkpoint_dir::write_file(&tmp.join(TRAINER_FILE), bytes)?;
             }
             Ok(())
         })
@@ -378,6 +385,8 @@ impl LanguageModel {
 
     /// Loads a checkpoint folder saved by [`LanguageModel::save`] (or a torchscale state_dict
     /// exported the same way): the model, and the trainer state and metadata if present.
+    /// A `config.json` that cannot be read, parsed or validated is an error naming its path
+    /// ([`Error::File`], or [`Error::Config`] naming the field with the path in its reason).
     pub fn load(dir: &Path) -> Result<(Self, Option<TrainerFile>)> {
         Self::load_with(dir, &BuildOptions::default())
     }
@@ -387,11 +396,18 @@ impl LanguageModel {
     pub fn load_with(dir: &Path, opts: &BuildOptions) -> Result<(Self, Option<TrainerFile>)> {
         let dir = checkpoint_dir::resolve(dir)?;
         let cfg_path = dir.join(CONFIG_FILE);
-        let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File {
-            path: cfg_path.display().to_string(),
-            reason: e.to_string(),
+        let shown = cfg_path.display().to_string();
+        let cfg = DecoderConfig::from_json_file(&cfg_path).map_err(|e| match e {
+            Error::Config { field, reason } if !reason.contains(&shown) => Error::Config {
+                field,
+                reason: format!("{reason} (in {shown})"),
+            },
+            e @ (Error::Config { .. } | Error::File { .. }) => e,
+            other => Error::File {
+                path: shown.clone(),
+                reason: other.to_string(),
+            },
         })?;
-        let cfg = DecoderConfig::from_json_str(&json)?;
         let (tensors, meta) = read_safetensors(&dir.join(MODEL_FILE))?;
         let learned = match meta.get("learned_positions").map(String::as_str) {
             Some("true") => true,

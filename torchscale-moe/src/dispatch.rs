@@ -28,9 +28,11 @@ pub struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    /// The plan of `r`. Errors when a kept choice names an expert or slot out of range, or two
-    /// kept choices share a slot (a `Router` bug).
+    /// The plan of `r`. Errors when `r` is inconsistent (`k = 0`, per-choice vectors of
+    /// different lengths, a gate that is not `[S, k]`), a kept choice names an expert or slot out
+    /// of range, or two kept choices share a slot (a `Router` bug).
     pub fn new(r: &Routing) -> Result<Self> {
+        check_routing(r)?;
         let s = r.num_tokens();
         let mut kept: Vec<(u32, u32, u32, u32)> = r
             .kept_choices()
@@ -139,9 +141,58 @@ impl DispatchPlan {
     }
 }
 
+/// Checks what indexing by `r` relies on: `k > 0` (choices are `token * k + j`), one expert,
+/// slot and status per choice and `S * k` of them, a `[S, k]` gate, and kept choices whose expert
+/// and slot lie within `E` experts x `capacity` slots. A hand-built or buggy routing is then a
+/// typed error, never a division by zero or an index out of bounds.
+fn check_routing(r: &Routing) -> Result<()> {
+    let n = r.status.len();
+    if r.k == 0 {
+        return Err(Error::invalid(
+            "routing",
+            "k = 0: every token needs at least one choice slot",
+        ));
+    }
+    if r.expert.len() != n || r.slot.len() != n || !n.is_multiple_of(r.k) {
+        return Err(Error::invalid(
+            "routing",
+            format!(
+                "{} experts, {} slots and {n} statuses for k = {}: they must be equal, a multiple \
+                 of k",
+                r.expert.len(),
+                r.slot.len(),
+                r.k
+            ),
+        ));
+    }
+    let s = n / r.k;
+    if r.gate.dims() != [s, r.k] {
+        return Err(Error::shape(
+            "routing gate",
+            format!("[{s}, {}]", r.k),
+            r.gate.dims(),
+        ));
+    }
+    for (i, st) in r.status.iter().enumerate() {
+        let (e, slot) = (r.expert[i] as usize, r.slot[i] as usize);
+        if st.is_kept() && (e >= r.num_experts || slot >= r.capacity) {
+            return Err(Error::invalid(
+                "routing",
+                format!(
+                    "choice {i} keeps expert {e} slot {slot}, outside {} experts x {} slots",
+                    r.num_experts, r.capacity
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// torchscale's dense combine weights `[S, E * capacity]` (in the graph of the gate):
 /// `gate[s, j]` at column `e_j * capacity + slot_j` of every kept choice, 0 elsewhere.
+/// Errors as [`DispatchPlan::new`] on an inconsistent routing.
 pub fn dense_combine(r: &Routing) -> Result<Tensor> {
+    check_routing(r)?;
     let s = r.num_tokens();
     let width = r.num_experts * r.capacity;
     let dev = r.gate.device();
@@ -165,7 +216,9 @@ pub fn dense_combine(r: &Routing) -> Result<Tensor> {
 }
 
 /// torchscale's dispatch mask `[S, E * capacity]` (1 where a kept choice sits), as `dtype`.
+/// Errors as [`DispatchPlan::new`] on an inconsistent routing.
 pub fn dense_dispatch_mask(r: &Routing, dtype: DType) -> Result<Tensor> {
+    check_routing(r)?;
     let s = r.num_tokens();
     let width = r.num_experts * r.capacity;
     let mut m = vec![0u8; s * width];

@@ -1,5 +1,11 @@
 //! torchscale's `MultiheadAttention`: self- and cross-attention with key padding masks, causal
 //! masks, an incremental cache, relative position bias, xPos, Sub-LN and multiway projections.
+//!
+//! One deliberate difference from torchscale: a query row whose keys are all masked (an empty
+//! sentence, left padding under the causal mask, a fully padded source in cross-attention)
+//! attends to nothing. Its attention output is zero (the module then returns `out_proj`'s bias
+//! there) and its gradients are zero, on the fused and the composed paths alike; torchscale gives
+//! NaN, which spreads to the whole batch's loss. Every other row is computed exactly as before.
 
 pub mod cache;
 pub mod relpos;
@@ -119,7 +125,7 @@ impl MultiheadAttention {
                         format!("xPos needs an even head dim, got {head_dim}"),
                     ));
                 }
-                Some(Xpos::new(head_dim, base))
+                Some(Xpos::new(head_dim, base)?)
             }
             _ => None,
         };
@@ -386,7 +392,7 @@ impl MultiheadAttention {
 
 /// Softmax over the last dimension in f32, cast back; fused with its backward on the CPU
 /// (`torchscale_kernels::softmax_last_dim`), composed candle ops elsewhere (candle's own fused
-/// softmax has no backward).
+/// softmax has no backward). A row of only `-inf` gives zeros, not NaN.
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     Ok(torchscale_kernels::softmax_last_dim(x)?)
 }

@@ -1,8 +1,8 @@
 //! xPos (length-extrapolatable rotary embedding), as torchscale applies it to q and k.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// xPos for one attention module; the buffer `scale` (ζ_m = (2m + 0.4d)/(1.4d)) is saved as
 /// `xpos.scale` so checkpoints load into torchscale.
@@ -14,17 +14,67 @@ pub struct Xpos {
 }
 
 impl Xpos {
-    /// For heads of even width `head_dim`.
-    pub fn new(head_dim: usize, scale_base: f64) -> Self {
+    /// For heads of even width `head_dim`. A `scale_base` that is not finite and positive is an
+    /// [`Error::Config`] naming `xpos_scale_base` (its scales would be NaN or infinite).
+    pub fn new(head_dim: usize, scale_base: f64) -> Result<Self> {
+        if !(scale_base.is_finite() && scale_base > 0.0) {
+            return Err(Error::config(
+                "xpos_scale_base",
+                format!("must be finite and > 0, got {scale_base}"),
+            ));
+        }
         let d = head_dim as f32;
         let zeta = (0..head_dim / 2)
             .map(|m| ((2 * m) as f32 + 0.4 * d) / (1.4 * d))
             .collect();
-        Self {
+        Ok(Self {
             head_dim,
             scale_base,
             zeta,
+        })
+    }
+
+    /// Checks that `positions` positions (a model's longest sequence) keep every xPos scale and
+    /// its inverse finite in f32, as [`Xpos::forward`] needs: an [`Error::Config`] naming
+    /// `xpos_scale_base` otherwise. The scale `zeta^(pos / scale_base)` grows with
+    /// `positions / scale_base`: `scale_base = 1` overflows f32 from about 140 positions, and the
+    /// keys' `1 / scale` then multiplies the queries' `inf` into NaN scores.
+    pub fn check_positions(head_dim: usize, scale_base: f64, positions: usize) -> Result<()> {
+        Self::new(head_dim, scale_base)?.check_len(positions, DType::F32)
+    }
+
+    /// The [`Xpos::check_positions`] test for `n` positions in `dtype` (f16 overflows sooner).
+    fn check_len(&self, n: usize, dtype: DType) -> Result<()> {
+        // zeta is smallest at m = 0 and the exponent most extreme at the first and last
+        // positions: those two scales bound all the others.
+        let Some(&zeta) = self.zeta.first() else {
+            return Ok(());
+        };
+        if n == 0 {
+            return Ok(());
         }
+        let min_pos = (-(n as i64)).div_euclid(2);
+        let max_pos = min_pos + n as i64 - 1;
+        let limit = match dtype {
+            DType::F16 => 65504.0f32,
+            DType::BF16 => 3.389_531_4e38,
+            _ => f32::MAX,
+        };
+        let fits = |pos: i64| {
+            let s = zeta.powf(pos as f32 / self.scale_base as f32);
+            s.abs() <= limit && (1.0 / s).abs() <= limit
+        };
+        if fits(min_pos) && fits(max_pos) {
+            return Ok(());
+        }
+        Err(Error::config(
+            "xpos_scale_base",
+            format!(
+                "scale base {} overflows the xPos scale ({dtype:?}) at {n} positions: use a \
+                 larger scale base or shorter sequences",
+                self.scale_base
+            ),
+        ))
     }
 
     /// The `scale` buffer, `[d/2]`.
@@ -33,11 +83,13 @@ impl Xpos {
     }
 
     /// Rotates and scales `x: [B, H, L, d]`: positions are the last `L` of `L + offset`;
-    /// `downscale` (keys) uses 1/scale.
+    /// `downscale` (keys) uses 1/scale. Positions whose scale overflows `x`'s dtype are an
+    /// [`Error::Config`] naming `xpos_scale_base` (see [`Xpos::check_positions`]), not NaN.
     pub fn forward(&self, x: &Tensor, offset: usize, downscale: bool) -> Result<Tensor> {
         let (b, h, l, d) = x.dims4()?;
         let half = self.head_dim / 2;
         let n = l + offset;
+        self.check_len(n, x.dtype())?;
         let min_pos = (-(n as i64)).div_euclid(2);
         let mut cos = Vec::with_capacity(l * d);
         let mut sin = Vec::with_capacity(l * d);
@@ -65,5 +117,42 @@ impl Xpos {
         let x1 = pairs.narrow(4, 1, 1)?;
         let rot = Tensor::cat(&[&x1.neg()?, &x0], 4)?.reshape((b, h, l, d))?;
         Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_base_must_be_finite_and_positive() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = Xpos::new(8, bad).unwrap_err();
+            assert!(matches!(&e, Error::Config { field, .. } if field == "xpos_scale_base"));
+        }
+        assert!(Xpos::new(8, 512.0).is_ok());
+    }
+
+    #[test]
+    fn overflowing_positions_are_a_config_error_not_nan() {
+        // torchscale's default base covers far more than any model's positions.
+        assert!(Xpos::check_positions(16, 512.0, 8192).is_ok());
+        // Base 1: fine for short sequences, overflows f32 past about 140 positions.
+        assert!(Xpos::check_positions(16, 1.0, 64).is_ok());
+        let e = Xpos::check_positions(16, 1.0, 1024).unwrap_err();
+        assert!(e.to_string().contains("xpos_scale_base"), "{e}");
+        let x = Xpos::new(16, 1.0).unwrap();
+        let q = Tensor::ones((1, 2, 200, 16), DType::F32, &Device::Cpu).unwrap();
+        let e = x.forward(&q, 0, false).unwrap_err();
+        assert!(matches!(&e, Error::Config { field, .. } if field == "xpos_scale_base"));
+        // Within range the scaled queries and keys stay finite.
+        for down in [false, true] {
+            let y = x.forward(&q.narrow(2, 0, 64).unwrap(), 0, down).unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(y.iter().all(|v| v.is_finite()));
+        }
+        // f16 overflows much sooner than f32.
+        let h = q.narrow(2, 0, 64).unwrap().to_dtype(DType::F16).unwrap();
+        assert!(x.forward(&h, 0, false).is_err());
     }
 }

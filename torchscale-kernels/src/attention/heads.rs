@@ -42,9 +42,6 @@ pub(super) struct Heads {
     row_lim: Vec<usize>,
     /// Per batch: keys from this one on are all padded.
     batch_lim: Vec<usize>,
-    /// Per batch: some row has every key masked (NaN row). The composed backward then spreads NaN
-    /// over all of dv and dk, so no key may be skipped.
-    no_skip: Vec<bool>,
     /// Per group of 16 query rows (those of the direct kernels), the largest of its `row_lim`;
     /// then the largest of all.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -82,13 +79,14 @@ impl Heads {
         let row_lim: Vec<usize> = (0..t)
             .map(|ti| (0..s).rposition(|j| open(ti, j)).map_or(0, |j| j + 1))
             .collect();
-        let mut batch_lim = vec![s; b];
-        let mut no_skip = vec![false; b];
-        for bi in 0..b {
-            let padded = |j: usize| pad.as_ref().is_some_and(|p| p[bi * s + j]);
-            batch_lim[bi] = (0..s).rposition(|j| !padded(j)).map_or(0, |j| j + 1);
-            no_skip[bi] = (0..t).any(|ti| !(0..row_lim[ti]).any(|j| open(ti, j) && !padded(j)));
-        }
+        // A fully masked row has zero probabilities (and gradients) everywhere, so skipping keys
+        // past these limits never changes a result, even in batches with such rows.
+        let batch_lim: Vec<usize> = (0..b)
+            .map(|bi| {
+                let padded = |j: usize| pad.as_ref().is_some_and(|p| p[bi * s + j]);
+                (0..s).rposition(|j| !padded(j)).map_or(0, |j| j + 1)
+            })
+            .collect();
         let mask_t = mask.map(|m| {
             let mut mt = vec![0f32; s * t];
             for (ti, row) in m.chunks_exact(s.max(1)).enumerate() {
@@ -112,7 +110,6 @@ impl Heads {
             pad,
             row_lim,
             batch_lim,
-            no_skip,
             #[cfg(target_arch = "x86_64")]
             direct: direct::kernels(&dims),
         })
@@ -120,9 +117,6 @@ impl Heads {
 
     /// Keys that can hold a nonzero probability for query rows `r0..r1` of batch `b`.
     fn limit(&self, b: usize, r0: usize, r1: usize) -> usize {
-        if self.no_skip[b] {
-            return self.dims.s;
-        }
         let rows = self.row_lim[r0..r1].iter().copied().max().unwrap_or(0);
         rows.min(self.batch_lim[b])
     }

@@ -59,7 +59,7 @@ impl Avx512 {
     /// Masks and softmaxes the transposed scores `pt` (`[keys, LANES]`) down its columns, as
     /// `rows::probs_t` does. `mask`: the transposed mask from the group's first row on, and its
     /// row stride (its first `rb` lanes are added, lanes past the group's rows are padding);
-    /// `pad`: the batch's padding over these keys. A column of -inf gives NaN, as composed.
+    /// `pad`: the batch's padding over these keys. A column of -inf gives zeros, as composed.
     pub fn probs(
         self,
         mask: Option<(&[f32], usize)>,
@@ -274,14 +274,21 @@ unsafe fn probs(
         // NaN scores are skipped, as `f32::max` skips them.
         max = _mm512_max_ps(x, max);
     }
-    let mut sum = _mm512_setzero_ps();
+    // A column of only -inf (a fully masked row) subtracts 0 and scales by 0: zeros, not NaN.
+    // Other columns have a finite max and a sum >= 1, and see no change.
+    let zero = _mm512_setzero_ps();
+    let dead = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(max, _mm512_set1_ps(f32::NEG_INFINITY));
+    let max = _mm512_mask_mov_ps(max, dead, zero);
+    let mut sum = zero;
     for j in 0..rows {
         let row = pt.add(j * LANES);
         let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row), max));
         _mm512_storeu_ps(row, e);
         sum = _mm512_add_ps(sum, e);
     }
-    let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
+    // 1 / sum, except 0 where the sum is 0 (NaN sums stay NaN).
+    let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(sum, zero);
+    let inv = _mm512_mask_mov_ps(_mm512_div_ps(_mm512_set1_ps(1.0), sum), empty, zero);
     for j in 0..rows {
         let row = pt.add(j * LANES);
         _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(row), inv));

@@ -5,8 +5,12 @@
 //! [`attention`] takes separate q, k, v; [`attention_packed`] takes the packed `[B, T, 3C]`
 //! projection of self-attention and returns one gradient for it. [`attention_composed`] is the
 //! candle version torchscale-core used (head split, scale q, q @ k^T, additive mask, key padding
-//! set to -inf, softmax in f32, @ v); the fused kernels reproduce it, NaN rows included (a row
-//! whose keys are all masked gives NaN, as in PyTorch).
+//! set to -inf, softmax in f32, @ v); the fused kernels reproduce it.
+//!
+//! A query row whose keys are all masked (an empty sentence, left padding under a causal mask)
+//! attends to nothing: its output is zero and its gradients are zero, on every path. PyTorch
+//! (and torchscale) give NaN there, which spreads to the whole batch's loss; every row that keeps
+//! a key is computed exactly as before.
 //!
 //! Layout: `heads` (per-head forward and backward: `gemm` products, or for small heads the direct
 //! kernels of `heads/direct` and `lanes`), `op` and `packed` (the candle ops), `view` (operand
@@ -22,11 +26,11 @@ mod view;
 
 use std::sync::Arc;
 
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor};
 
 use crate::cpu::cpu_float;
 use crate::cuda::cuda_float;
-use crate::softmax::softmax_last_dim;
+use crate::softmax::{softmax_last_dim, softmax_last_dim_composed};
 use crate::switch::fused_enabled;
 
 /// Options of one fused attention call.
@@ -183,12 +187,11 @@ fn composed_with(
             .broadcast_as(scores.shape())?
             .where_cond(&neg, &scores)?;
     }
+    // Both softmaxes give a row of only -inf zeros (see the module docs).
     let probs = if fused_softmax {
         softmax_last_dim(&scores)?
-    } else if dtype == DType::F64 {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
-        candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?
+        softmax_last_dim_composed(&scores)?
     };
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
 }

@@ -64,7 +64,8 @@ multiversion! {
     /// Masks and softmaxes `pt`, scores transposed (row `j` = key `j`, `rb` query rows wide),
     /// down its columns. `mask`: the transposed mask from the block's first query row on, and
     /// its row stride; `pad`: the batch's padding over the block's keys; `stats`: `2 * rb`
-    /// scratch. A column of -inf gives NaN, as the composed path does.
+    /// scratch. A column of -inf (a query row with every key masked) gives zeros, as the composed
+    /// path does.
     pub(super) fn probs_t(
         mask: Option<(&[f32], usize)>,
         pad: Option<&[bool]>,
@@ -100,6 +101,13 @@ fn probs_t_body(
             *m = m.max(*x);
         }
     }
+    // A column of only -inf subtracts 0 (its `exp` is then 0, not `exp(NaN)`) and scales by 0
+    // (not `1 / 0`): zeros. Columns that keep a key are untouched: finite max, sum >= 1.
+    for m in max.iter_mut() {
+        if *m == f32::NEG_INFINITY {
+            *m = 0.0;
+        }
+    }
     for row in pt.chunks_exact_mut(rb) {
         for ((x, m), s) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
             *x = exp(*x - m);
@@ -107,7 +115,7 @@ fn probs_t_body(
         }
     }
     for s in sum.iter_mut() {
-        *s = 1.0 / *s;
+        *s = if *s == 0.0 { 0.0 } else { 1.0 / *s };
     }
     for row in pt.chunks_exact_mut(rb) {
         for (x, s) in row.iter_mut().zip(sum.iter()) {
@@ -118,7 +126,8 @@ fn probs_t_body(
 
 multiversion! {
     /// Turns `dst` (`dP^T`, laid out as `pt`) into `dS^T = P * (dP - colsum(dP * P))`, zero at
-    /// padded keys (the composed `where_cond` gives them no gradient, even in a NaN row);
+    /// padded keys (the composed `where_cond` gives them no gradient) and in columns of
+    /// fully masked rows (whose `P` is zero);
     /// `stats`: `rb` scratch.
     pub(super) fn score_grads_t(
         pad: Option<&[bool]>,

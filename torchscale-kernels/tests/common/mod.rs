@@ -107,3 +107,55 @@ pub fn check(what: &str, wrt: &[&Tensor], tol: f64, f: impl Fn() -> Result<Tenso
         assert_close(&format!("{what} gradient {i}"), &gf, &gc, tol);
     }
 }
+
+/// Per `(batch, query row)` of a `[b, t]` grid: true when every one of the `s` keys is masked
+/// (`-inf` in the `[t, s]` mask or padded in the `[b, s]` padding mask): a fully masked row.
+pub fn dead_rows(
+    mask: Option<&Tensor>,
+    pad: Option<&Tensor>,
+    (b, t, s): (usize, usize, usize),
+) -> Vec<bool> {
+    let m: Option<Vec<f32>> = mask.map(|m| {
+        let m = m.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        m.to_vec1().unwrap()
+    });
+    let p: Option<Vec<f32>> = pad.map(|p| {
+        let p = p.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        p.to_vec1().unwrap()
+    });
+    let closed = |bi: usize, ti: usize, j: usize| {
+        m.as_ref()
+            .is_some_and(|m| m[ti * s + j] == f32::NEG_INFINITY)
+            || p.as_ref().is_some_and(|p| p[bi * s + j] != 0.0)
+    };
+    (0..b * t)
+        .map(|i| (0..s).all(|j| closed(i / t, i % t, j)))
+        .collect()
+}
+
+/// Asserts that `y` (`[b, t, ...]`) is exactly zero in the rows `dead` marks (row `bi * t + ti`)
+/// and finite everywhere.
+pub fn assert_dead_rows_zero(what: &str, y: &Tensor, dead: &[bool]) {
+    let v = y
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(v.len() % dead.len(), 0, "{what}: {:?} rows", y.dims());
+    let w = v.len() / dead.len();
+    assert!(v.iter().all(|x| x.is_finite()), "{what}: not finite");
+    for (r, row) in v.chunks(w).enumerate() {
+        if dead[r] {
+            assert!(row.iter().all(|&x| x == 0.0), "{what}: row {r} is not zero");
+        }
+    }
+}
+
+/// Asserts that every element of `y` is finite.
+pub fn assert_finite(what: &str, y: &Tensor) {
+    let v = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let v = v.to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()), "{what}: not finite");
+}

@@ -244,8 +244,11 @@ fn open_log(path: &Path, keep_steps: u64) -> Result<std::fs::File> {
             .collect(),
         Err(_) => String::new(),
     };
-    std::fs::write(path, kept)?;
-    Ok(std::fs::OpenOptions::new().append(true).open(path)?)
+    std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {} to append", path.display()))
 }
 
 fn progress_bar(out: Output, steps: u64, at: u64) -> Result<ProgressBar> {

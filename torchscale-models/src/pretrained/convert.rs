@@ -189,8 +189,8 @@ pub fn convert_pt(
         .find(|d| d.is_float())
         .unwrap_or(DType::F32);
     crate::checkpoint_dir::save_atomic(out, |tmp| {
-        std::fs::write(tmp.join(MODEL_FILE), &bytes)?;
-        std::fs::write(tmp.join(CONFIG_FILE), &config_text)?;
+        crate::checkpoint_dir::write_file(&tmp.join(MODEL_FILE), &bytes)?;
+        crate::checkpoint_dir::write_file(&tmp.join(CONFIG_FILE), &config_text)?;
         let (opts, cpu) = (BuildOptions::default(), Device::Cpu);
         match class {
             ModelClass::Encoder => {

@@ -24,10 +24,18 @@ pub enum SkipReason {
         /// The parameter's name.
         name: String,
     },
-    /// Data parallel: another rank found a non-finite loss or gradient (ranks skip together).
+    /// Data parallel: another rank found a non-finite loss or gradient, or refused its update
+    /// (ranks skip together).
     OtherRank {
         /// The first rank that did.
         rank: usize,
+    },
+    /// The optimizer update of this parameter would have left a NaN or an infinity in it (after
+    /// rounding to its dtype) or in its moments, from finite gradients: an overflow (a huge
+    /// learning rate, a value near the dtype's limit). No parameter or moment was changed.
+    Update {
+        /// The parameter's name (the first one refused).
+        name: String,
     },
 }
 
@@ -38,8 +46,12 @@ impl fmt::Display for SkipReason {
             SkipReason::GradNorm { value } => write!(f, "non-finite gradient norm ({value})"),
             SkipReason::Grad { name } => write!(f, "non-finite gradient of `{name}`"),
             SkipReason::OtherRank { rank } => {
-                write!(f, "non-finite loss or gradient on rank {rank}")
+                write!(f, "non-finite loss, gradient or update on rank {rank}")
             }
+            SkipReason::Update { name } => write!(
+                f,
+                "the update of `{name}` would make it or its moments non-finite (nothing changed)"
+            ),
         }
     }
 }

@@ -23,8 +23,9 @@
 //! assert_eq!(out.ntokens, 1);
 //! let grads = out.loss_sum.backward()?;
 //! if check_step(&out.loss_sum, &grads, &params)?.is_none() {
-//!     opt.set_lr(sched.lr(opt.num_updates()));
-//!     opt.step(&grads)?;
+//!     opt.set_lr(sched.lr(opt.num_updates()))?;
+//!     // `Some(reason)` would mean the update overflowed and nothing was changed.
+//!     assert_eq!(opt.step(&grads)?, None);
 //! }
 //! assert_eq!(opt.num_updates(), 1);
 //! # Ok(()) }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, TensorId, Var};
+use candle_core::{Tensor, TensorId, Var};
 use torchscale_clip::{GlobalNorm, SparseClip};
 use torchscale_core::collective::SingleProcess;
 use torchscale_core::init::ParamStore;
@@ -144,16 +144,23 @@ impl Optim {
             Optim::Zero(o) => o.num_updates(),
         }
     }
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         match self {
             Optim::Plain(o) => o.set_lr(lr),
             Optim::Zero(o) => o.set_lr(lr),
         }
     }
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        match self {
-            Optim::Plain(o) => o.step(grads),
-            Optim::Zero(o) => o.step(grads),
+    /// The update, all or nothing (`Some(reason)`: refused, nothing changed). Data parallel, the
+    /// ranks agree: ZeRO-1 inside its step; the plain optimizer through `dp` (each rank updates
+    /// whole parameters, and local expert parameters differ between ranks).
+    fn step(&mut self, grads: &GradStore, dp: Option<&DataParallel>) -> Result<Option<SkipReason>> {
+        match (self, dp) {
+            (Optim::Plain(o), None) => o.step(grads),
+            (Optim::Plain(o), Some(dp)) => o.step_agreed(grads, |local| {
+                let first = dp.agree_skip(local.is_some())?;
+                Ok(local.or(first.map(|rank| SkipReason::OtherRank { rank })))
+            }),
+            (Optim::Zero(o), _) => o.step(grads),
         }
     }
     fn state(&self) -> Result<HashMap<String, Tensor>> {
@@ -326,7 +333,7 @@ impl Trainer {
         } else {
             Optim::Plain(AdamW::new(self.params.clone(), self.adam)?)
         };
-        opt.set_lr(self.opt_lr());
+        opt.set_lr(self.opt_lr())?;
         self.opt = opt;
         Ok(())
     }
@@ -373,9 +380,11 @@ impl Trainer {
         mix_seed(mix_seed(self.cfg.seed, step), micro as u64)
     }
 
-    /// One step over `micro_batches` micro-batches produced by `f`. A non-finite loss or gradient
-    /// skips the update (the report says why); too many skips in a row return
-    /// `Error::NonFinite`.
+    /// One step over `micro_batches` micro-batches produced by `f`. A non-finite loss or gradient,
+    /// or an update that would leave a non-finite parameter or moment, skips the update with the
+    /// weights and optimizer state left exactly as they were (the report says why); too many
+    /// skips in a row return `Error::NonFinite`. A schedule rate that is NaN, infinite or
+    /// negative is an `Error::Config` for `lr`.
     ///
     /// Data parallel, every rank calls it together; an error on one rank aborts the collective so
     /// that the others fail too instead of waiting.
@@ -498,10 +507,11 @@ impl Trainer {
             }
         }
         self.step += 1;
-        if !self.guard.record(report.skipped.as_ref())? {
-            self.opt.set_lr(lr);
-            self.opt.step(&grads)?;
-        } else {
+        if report.skipped.is_none() {
+            self.opt.set_lr(lr)?;
+            report.skipped = self.opt.step(&grads, self.dp.as_ref())?;
+        }
+        if self.guard.record(report.skipped.as_ref())? {
             tracing::warn!(step, reason = ?report.skipped, "update skipped");
         }
         Ok(report)
@@ -514,7 +524,7 @@ impl Trainer {
         let mut s = self.opt.state()?;
         s.insert(
             STEP_KEY.to_string(),
-            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+            super::optimizer::count_tensor(self.step)?,
         );
         Ok(s)
     }
@@ -522,27 +532,21 @@ impl Trainer {
     /// Restores [`Trainer::state`]; every tensor is checked against the parameters. Every rank
     /// loads the whole state (ZeRO-1 keeps its own slice of it).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let step = state.get(STEP_KEY).ok_or_else(|| Error::MissingTensor {
-            key: STEP_KEY.to_string(),
-        })?;
-        if step.elem_count() != 1 {
-            return Err(Error::TensorShape {
-                key: STEP_KEY.to_string(),
-                expected: vec![1],
-                got: step.dims().to_vec(),
-            });
-        }
-        let step = step.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?[0];
+        // Checked before anything is loaded (a negative count is an `Error::TensorValue`).
+        let step = super::optimizer::read_count(state, STEP_KEY)?;
         let opt_state: HashMap<String, Tensor> = state
             .iter()
             .filter(|(k, _)| k.as_str() != STEP_KEY)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.opt.load_state(&opt_state)?;
-        self.step = u64::try_from(step)
-            .map_err(|_| Error::invalid(STEP_KEY, format!("negative step {step}")))?;
+        self.step = step;
         Ok(())
     }
 }
 
 const STEP_KEY: &str = "trainer.step";
+
+#[cfg(test)]
+#[path = "trainer_tests.rs"]
+mod tests;

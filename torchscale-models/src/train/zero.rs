@@ -2,6 +2,10 @@
 //! group. The parameters, laid end to end as one flat f32 vector, are cut into `world_size`
 //! contiguous slices; each rank keeps the moments of its own slice, updates that slice from the
 //! (all-reduced) gradients and all-gathers the updated parameters after the step.
+//!
+//! As with [`super::AdamW`], a step is all or nothing: each rank checks the updates of its slice
+//! before writing anything, the ranks exchange their verdicts, and all of them refuse the step if
+//! any update anywhere would leave a non-finite value.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,11 +13,13 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use torchscale_core::{Collective, Error, Result};
-use torchscale_kernels::adamw::{adamw_composed, adamw_update, AdamWStep};
+use torchscale_kernels::adamw::{adamw_check, adamw_composed, adamw_update, AdamWStep};
 use torchscale_kernels::fused_enabled;
 
-use super::optimizer::{EXP_AVG, EXP_AVG_SQ, NUM_UPDATES, STEP};
-use super::{default_decay, AdamWConfig};
+use super::optimizer::{
+    check_lr, check_moment, count_tensor, read_count, EXP_AVG, EXP_AVG_SQ, NUM_UPDATES, STEP,
+};
+use super::{default_decay, AdamWConfig, SkipReason};
 
 /// One parameter in the flat vector.
 #[derive(Debug)]
@@ -94,12 +100,15 @@ impl ZeroAdamW {
         &self.cfg
     }
 
-    /// Sets the learning rate of the next steps.
-    pub fn set_lr(&mut self, lr: f64) {
+    /// Sets the learning rate of the next steps; a NaN, infinite or negative rate is an
+    /// [`Error::Config`] for `lr` and changes nothing.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        check_lr(lr)?;
         self.cfg.lr = lr;
+        Ok(())
     }
 
-    /// Number of [`ZeroAdamW::step`] calls so far.
+    /// Number of updates applied so far (refused steps excluded).
     pub fn num_updates(&self) -> u64 {
         self.num_updates
     }
@@ -143,13 +152,15 @@ impl ZeroAdamW {
 
     /// One update of every parameter with a gradient in `grads` (gradients must be the same on
     /// every rank, as after an all-reduce): this rank's slice, then an all-gather.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    ///
+    /// All or nothing on every rank together, as [`super::AdamW::step`]: `None` when applied,
+    /// `Some(SkipReason::Update)` naming the first parameter (in flat order) whose update would
+    /// leave a non-finite value, with nothing changed on any rank.
+    pub fn step(&mut self, grads: &GradStore) -> Result<Option<SkipReason>> {
         let _span = tracing::debug_span!("zero_step", update = self.num_updates + 1).entered();
-        self.hp(true, 1)
-            .validate()
-            .map_err(|e| Error::config("adamw", e.to_string()))?;
-        let mut has_grad = Vec::with_capacity(self.entries.len());
-        for e in &mut self.entries {
+        self.cfg.validate()?;
+        let mut steps = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
             let g = grads.get(&e.var);
             if let Some(g) = g {
                 if g.dims() != e.var.dims() {
@@ -159,41 +170,78 @@ impl ZeroAdamW {
                         g.dims(),
                     ));
                 }
-                e.step += 1;
             }
-            has_grad.push(g.is_some());
+            steps.push(e.step + u64::from(g.is_some()));
         }
+        // Phase 1: this rank's updates are checked (fused: a read-only pass) or computed aside
+        // (composed); nothing is written.
+        let segments = self.segments();
+        let fused = |p: &Tensor| fused_enabled() && p.device().is_cpu();
+        let mut computed: Vec<Option<[Vec<f32>; 3]>> = Vec::with_capacity(segments.len());
+        let mut bad: Option<usize> = None;
+        for &(i, a, n, s) in &segments {
+            let e = &self.entries[i];
+            let Some(g) = grads.get(&e.var) else {
+                computed.push(None);
+                continue;
+            };
+            let p = e.var.as_tensor().detach().flatten_all()?.narrow(0, a, n)?;
+            let g = g.flatten_all()?.narrow(0, a, n)?;
+            let h = self.hp(e.decay, steps[i]);
+            let (m, v) = (&self.m[s..s + n], &self.v[s..s + n]);
+            let finite = if fused(&p) {
+                computed.push(None);
+                adamw_check(&p.contiguous()?, &g, m, v, &h)?
+            } else {
+                let host = |x: &[f32]| Tensor::from_slice(x, n, p.device());
+                let (p, m, v) = adamw_composed(&p, &g, &host(m)?, &host(v)?, &h)?;
+                let to_host = |t: Tensor| -> Result<Vec<f32>> {
+                    Ok(t.to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?
+                        .to_vec1::<f32>()?)
+                };
+                let out = [to_host(p)?, to_host(m)?, to_host(v)?];
+                let finite = out.iter().flatten().all(|x| x.is_finite());
+                computed.push(Some(out));
+                finite
+            };
+            if !finite && bad.is_none() {
+                bad = Some(i);
+            }
+        }
+        if let Some(i) = self.agree(bad)? {
+            return Ok(Some(SkipReason::Update {
+                name: self.entries[i].name.clone(),
+            }));
+        }
+        // Phase 2: the checked updates, for real.
         let mut shard = vec![0f32; self.shard];
-        for (i, a, n, s) in self.segments() {
+        for (&(i, a, n, s), computed) in segments.iter().zip(computed) {
             let e = &self.entries[i];
             let p = e.var.as_tensor().detach().flatten_all()?.narrow(0, a, n)?;
-            let out = match grads.get(&e.var) {
-                None => p.to_dtype(DType::F32)?,
-                Some(g) => {
+            let out = match (grads.get(&e.var), computed) {
+                (None, _) => p.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                (Some(_), Some([p, m, v])) => {
+                    self.m[s..s + n].copy_from_slice(&m);
+                    self.v[s..s + n].copy_from_slice(&v);
+                    p
+                }
+                (Some(g), None) => {
                     let g = g.flatten_all()?.narrow(0, a, n)?;
-                    let h = self.hp(e.decay, e.step);
+                    let h = self.hp(e.decay, steps[i]);
                     let (m, v) = (&mut self.m[s..s + n], &mut self.v[s..s + n]);
-                    if fused_enabled() && p.device().is_cpu() {
-                        // A fresh contiguous copy, updated in place by the kernel the plain
-                        // optimizer runs on whole parameters.
-                        let p = p.copy()?;
-                        adamw_update(&p, &g, m, v, &h)?;
-                        p.to_dtype(DType::F32)?
-                    } else {
-                        let host = |x: &[f32]| Tensor::from_slice(x, n, p.device());
-                        let (p, m2, v2) = adamw_composed(&p, &g, &host(m)?, &host(v)?, &h)?;
-                        m.copy_from_slice(&m2.to_device(&Device::Cpu)?.to_vec1::<f32>()?);
-                        v.copy_from_slice(&v2.to_device(&Device::Cpu)?.to_vec1::<f32>()?);
-                        p.to_dtype(DType::F32)?
-                    }
+                    // A fresh contiguous copy, updated in place by the kernel the plain
+                    // optimizer runs on whole parameters.
+                    let p = p.copy()?;
+                    adamw_update(&p, &g, m, v, &h)?;
+                    p.to_dtype(DType::F32)?.to_vec1::<f32>()?
                 }
             };
-            let out = out.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
             shard[s..s + n].copy_from_slice(&out);
         }
         let full = self.gather(shard)?;
-        for (e, has) in self.entries.iter().zip(has_grad) {
-            if has {
+        for (e, step) in self.entries.iter_mut().zip(steps) {
+            if step != e.step {
                 let n = e.var.elem_count();
                 let p = Tensor::from_slice(
                     &full[e.offset..e.offset + n],
@@ -202,10 +250,37 @@ impl ZeroAdamW {
                 )?
                 .to_dtype(e.var.dtype())?;
                 e.var.set(&p)?;
+                e.step = step;
             }
         }
         self.num_updates += 1;
-        Ok(())
+        Ok(None)
+    }
+
+    /// Every rank's first refused entry (by index), agreed: the refused entry of the lowest rank
+    /// that has one (ranks hold increasing slices, so it is the first in flat order), or `None`
+    /// when every rank can apply its updates. A collective: every rank calls it.
+    fn agree(&self, bad: Option<usize>) -> Result<Option<usize>> {
+        // `index + 1` (0 = none) in two f32 halves of 24 bits, each exact.
+        let code = bad.map_or(0, |i| i as u64 + 1);
+        let row = [(code >> 24) as f32, (code & 0xFF_FFFF) as f32];
+        let t = Tensor::from_slice(&row, 2, &Device::Cpu)?;
+        let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
+        for pair in all.chunks(2) {
+            let code = ((pair[0] as u64) << 24) | pair.get(1).map_or(0, |x| *x as u64);
+            if code != 0 {
+                let i = (code - 1) as usize;
+                if i >= self.entries.len() {
+                    return Err(Error::Collective {
+                        op: "all_gather".into(),
+                        rank: self.comm.rank(),
+                        reason: format!("a rank refused entry {i} of {}", self.entries.len()),
+                    });
+                }
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
     }
 
     /// Every rank's shard end to end (padding dropped): the flat vector.
@@ -233,7 +308,6 @@ impl ZeroAdamW {
         let m = self.gather(self.m.clone())?;
         let v = self.gather(self.v.clone())?;
         let cpu = Device::Cpu;
-        let count = |n: u64| Tensor::new(&[n as i64], &cpu);
         let mut out = HashMap::with_capacity(3 * self.entries.len() + 1);
         for e in &self.entries {
             let r = e.offset..e.offset + e.var.elem_count();
@@ -246,28 +320,17 @@ impl ZeroAdamW {
                 format!("{EXP_AVG_SQ}{}", e.name),
                 Tensor::from_slice(&v[r], shape, &cpu)?,
             );
-            out.insert(format!("{STEP}{}", e.name), count(e.step)?);
+            out.insert(format!("{STEP}{}", e.name), count_tensor(e.step)?);
         }
-        out.insert(NUM_UPDATES.to_string(), count(self.num_updates)?);
+        out.insert(NUM_UPDATES.to_string(), count_tensor(self.num_updates)?);
         Ok(out)
     }
 
     /// Takes this rank's slice of a whole state (from [`ZeroAdamW::state`] on any number of
-    /// ranks, or [`super::AdamW::state`]); every key is checked as the plain optimizer does.
+    /// ranks, or [`super::AdamW::state`]); every key is checked as the plain optimizer does
+    /// (values included: every rank checks every moment, so all ranks fail together).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let get = |key: String| state.get(&key).cloned().ok_or(Error::MissingTensor { key });
-        let count = |key: String| -> Result<u64> {
-            let t = get(key.clone())?;
-            let v = t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-            match v.as_slice() {
-                [n] if *n >= 0 => Ok(*n as u64),
-                _ => Err(Error::TensorShape {
-                    key,
-                    expected: vec![1],
-                    got: t.dims().to_vec(),
-                }),
-            }
-        };
         let mut known: std::collections::HashSet<String> = self
             .entries
             .iter()
@@ -280,7 +343,7 @@ impl ZeroAdamW {
         let (mut m, mut v) = (vec![0f32; self.shard], vec![0f32; self.shard]);
         let mut steps = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
-            steps.push(count(format!("{STEP}{}", e.name))?);
+            steps.push(read_count(state, &format!("{STEP}{}", e.name))?);
         }
         for (i, a, n, s) in self.segments() {
             let e = &self.entries[i];
@@ -298,7 +361,7 @@ impl ZeroAdamW {
                 dst[s..s + n].copy_from_slice(&part.to_vec1::<f32>()?);
             }
         }
-        // Keys of entries outside this rank's slice are still required.
+        // Keys of entries outside this rank's slice are still required, with sound values.
         for e in &self.entries {
             for prefix in [EXP_AVG, EXP_AVG_SQ] {
                 let key = format!("{prefix}{}", e.name);
@@ -310,9 +373,10 @@ impl ZeroAdamW {
                         got: t.dims().to_vec(),
                     });
                 }
+                check_moment(&key, &t, prefix == EXP_AVG_SQ)?;
             }
         }
-        let num_updates = count(NUM_UPDATES.to_string())?;
+        let num_updates = read_count(state, NUM_UPDATES)?;
         (self.m, self.v, self.num_updates) = (m, v, num_updates);
         for (e, s) in self.entries.iter_mut().zip(steps) {
             e.step = s;
@@ -320,3 +384,7 @@ impl ZeroAdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "zero_tests.rs"]
+mod tests;

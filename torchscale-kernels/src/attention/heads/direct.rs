@@ -81,9 +81,6 @@ fn transposed(
 impl Heads {
     /// [`Heads::limit`] of the rows of group `g` of batch `b`, or of all rows (`None`).
     fn group_limit(&self, b: usize, g: Option<usize>) -> usize {
-        if self.no_skip[b] {
-            return self.dims.s;
-        }
         let rows = g.map_or(self.all_lim, |g| self.group_lim[g]);
         rows.min(self.batch_lim[b])
     }
@@ -92,11 +89,9 @@ impl Heads {
     /// [`Heads::limit`] of one row).
     fn row_limits(&self, b: usize, g0: usize, rb: usize) -> [usize; LANES] {
         let mut lims = [self.dims.s; LANES];
-        if !self.no_skip[b] {
-            let cap = self.batch_lim[b];
-            for (l, &r) in lims.iter_mut().zip(&self.row_lim[g0..g0 + rb]) {
-                *l = r.min(cap);
-            }
+        let cap = self.batch_lim[b];
+        for (l, &r) in lims.iter_mut().zip(&self.row_lim[g0..g0 + rb]) {
+            *l = r.min(cap);
         }
         lims
     }
