@@ -107,22 +107,20 @@ pub struct RoutingReport {
 
 /// The routers compared, by display name.
 fn routers() -> Vec<(&'static str, RouterChoice, ExpertCompute)> {
-    let dropless = RouterChoice::Dropless { k: 2 };
+    let (dropless, choice) = (
+        RouterChoice::Dropless { k: 2 },
+        RouterChoice::ExpertChoice {
+            capacity_factor: 2.0,
+        },
+    );
+    let (l, g) = (ExpertCompute::Loop, ExpertCompute::Grouped);
     vec![
-        (
-            "capacity top-2",
-            RouterChoice::Capacity,
-            ExpertCompute::Loop,
-        ),
-        ("dropless top-2", dropless.clone(), ExpertCompute::Loop),
-        ("dropless top-2 grouped", dropless, ExpertCompute::Grouped),
-        (
-            "expert-choice c=2",
-            RouterChoice::ExpertChoice {
-                capacity_factor: 2.0,
-            },
-            ExpertCompute::Loop,
-        ),
+        ("capacity top-2, loop", RouterChoice::Capacity, l),
+        ("capacity top-2, grouped", RouterChoice::Capacity, g),
+        ("dropless top-2, loop", dropless.clone(), l),
+        ("dropless top-2, grouped", dropless, g),
+        ("expert-choice c=2, loop", choice.clone(), l),
+        ("expert-choice c=2, grouped", choice, g),
     ]
 }
 
@@ -325,7 +323,7 @@ pub fn print_table(r: &RoutingReport) {
         let base = r
             .rows
             .iter()
-            .find(|b| b.experts == row.experts && b.router.starts_with("capacity"))
+            .find(|b| b.experts == row.experts && b.router == "capacity top-2, loop")
             .map(|b| b.tokens_per_s)
             .unwrap_or(f64::NAN);
         println!(
