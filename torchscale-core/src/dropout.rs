@@ -27,6 +27,31 @@ pub fn seed_dropout(seed: u64) {
     MASK_RNG.with(|r| *r.borrow_mut() = Some(seeded_rng(seed, DROPOUT_STREAM)));
 }
 
+/// A copy of this thread's dropout generator at one moment, from [`dropout_state`].
+///
+/// Activation checkpointing recomputes a stretch of layers in the backward pass; restoring the
+/// state taken before their forward makes the recomputation draw the very same masks.
+#[derive(Debug, Clone)]
+pub struct DropoutState(ChaCha8Rng);
+
+/// The current state of this thread's dropout generator. An unseeded generator is seeded from
+/// the operating system's entropy here first, so that the state can be restored exactly.
+pub fn dropout_state() -> DropoutState {
+    MASK_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        DropoutState(
+            r.get_or_insert_with(|| seeded_rng(rand::random(), DROPOUT_STREAM))
+                .clone(),
+        )
+    })
+}
+
+/// Puts this thread's dropout generator back to `state`: the next masks repeat those drawn after
+/// [`dropout_state`] returned it.
+pub fn restore_dropout(state: &DropoutState) {
+    MASK_RNG.with(|r| *r.borrow_mut() = Some(state.0.clone()));
+}
+
 /// `n` uniforms in `[0, 1)` from this thread's generator.
 fn uniforms(n: usize) -> Vec<f32> {
     MASK_RNG.with(|r| {
@@ -108,6 +133,31 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn restored_state_repeats_the_masks() {
+        // Unseeded on a fresh thread: the snapshot must still pin the stream.
+        std::thread::spawn(|| {
+            let x = Tensor::ones((16, 16), DType::F32, &Device::Cpu).unwrap();
+            let draw = || -> Vec<f32> {
+                dropout(&x, 0.5, true)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let state = dropout_state();
+            let a = draw();
+            let b = draw();
+            restore_dropout(&state);
+            assert_eq!(draw(), a);
+            assert_eq!(draw(), b);
+            assert_ne!(a, b);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
