@@ -549,6 +549,7 @@ fn train(
                 nll_sum: scalar(&l.nll_sum)?,
                 ntokens: l.ntokens,
                 loss_sum: l.loss_sum,
+                grads: None,
             })
         })?;
         summary.steps += 1;

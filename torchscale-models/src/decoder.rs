@@ -15,6 +15,9 @@ use crate::embed::EmbeddingStage;
 use crate::layer::Layer;
 use crate::spec::StackSpec;
 
+mod segments;
+pub use segments::StackShared;
+
 /// torchscale's `incremental_state`: one self-attention cache per layer and the prompt flag.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalState {

@@ -258,6 +258,7 @@ impl LanguageModel {
             loss_sum,
             nll_sum: ce.nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             ntokens: ce.ntokens,
+            grads: None,
         })
     }
 

@@ -524,6 +524,7 @@ fn clipping_sums_local_gradients_over_ranks() {
                             loss_sum: loss,
                             nll_sum: 0.0,
                             ntokens: 1,
+                            grads: None,
                         })
                     })?;
                     let moved: Vec<f32> = b0

@@ -32,6 +32,7 @@
 //! ```
 
 mod accumulate;
+mod checkpointing;
 mod data_parallel;
 mod guard;
 mod loss;
@@ -41,6 +42,7 @@ mod trainer;
 mod zero;
 
 pub use accumulate::GradAccumulator;
+pub use checkpointing::{CheckpointedBackward, HeadLoss};
 pub use data_parallel::{bucket_plan, DEFAULT_BUCKET_BYTES};
 pub use guard::{check_grad_norm, check_grads, check_loss, check_step, SkipReason, StepGuard};
 pub use loss::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, SmoothedLoss};

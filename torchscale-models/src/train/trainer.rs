@@ -65,6 +65,10 @@ pub struct MicroBatch {
     pub nll_sum: f64,
     /// Tokens counted in `loss_sum`.
     pub ntokens: usize,
+    /// The parameter gradients of `loss_sum`, when already computed (activation checkpointing,
+    /// [`crate::lm::LanguageModel::micro_batch_checkpointed`]): the trainer then uses them
+    /// instead of calling `loss_sum.backward()`, and `loss_sum` serves only for the loss checks.
+    pub grads: Option<Arc<GradStore>>,
 }
 
 /// Where a micro-batch sits in the run, handed to the caller's closure.
@@ -424,11 +428,13 @@ impl Trainer {
             }
             nll += mb.nll_sum;
             ntokens += mb.ntokens;
-            let grads = {
-                let _span = tracing::trace_span!("backward", micro).entered();
-                mb.loss_sum.backward()?
-            };
-            acc.add(&grads)?;
+            match &mb.grads {
+                Some(grads) => acc.add(grads)?,
+                None => {
+                    let _span = tracing::trace_span!("backward", micro).entered();
+                    acc.add(&mb.loss_sum.backward()?)?;
+                }
+            }
         }
         let (nll, ntokens, mut grads) = match &self.dp {
             None => {

@@ -253,6 +253,7 @@ fn run(args: RoutingArgs) -> Result<RoutingReport> {
                     loss_sum,
                     nll_sum: ce.nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
                     ntokens: ce.ntokens,
+                    grads: None,
                 })
             })?;
             let dt = t0.elapsed().as_secs_f64();
