@@ -55,17 +55,28 @@ impl TokenEmbedding {
         self.weight.dims()[0]
     }
 
-    /// `[B, T]` ids (any integer dtype) to `[B, T, C]`.
+    /// `[B, T]` ids (any integer dtype) to `[B, T, C]`; bad ids are an error for `tokens`
+    /// (see [`check_token_ids`]).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let vocab = self.vocab_size();
-        let ids = ids.to_dtype(DType::U32)?;
-        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-        if ids.elem_count() > 0 && max >= vocab {
+        self.forward_named(ids, "tokens")
+    }
+
+    /// As [`TokenEmbedding::forward`], with errors naming the input `what`
+    /// (`prev_output_tokens`, `src_tokens`, ...).
+    pub fn forward_named(&self, ids: &Tensor, what: &str) -> Result<Tensor> {
+        check_token_ids(ids, what, self.vocab_size())?;
+        if !ids.device().same_device(self.weight.device()) {
             return Err(Error::invalid(
-                "tokens",
-                format!("token id {max} is out of range for vocabulary {vocab}"),
+                what,
+                format!(
+                    "is on {:?} but the embedding table is on {:?}",
+                    ids.device().location(),
+                    self.weight.device().location()
+                ),
             ));
         }
+        // In range and non-negative, so the cast cannot wrap.
+        let ids = ids.to_dtype(DType::U32)?;
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let mut e = self.weight.index_select(&flat, 0)?;
@@ -76,6 +87,70 @@ impl TokenEmbedding {
         }
         Ok(e.reshape((b, t, self.weight.dim(1)?))?)
     }
+}
+
+/// Checks that `ids` hold integers ([`Error::Invalid`] naming `what` otherwise): the part of
+/// [`check_token_ids`] that needs no read of the values.
+pub fn check_token_dtype(ids: &Tensor, what: &str) -> Result<()> {
+    if !ids.dtype().is_int() {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "token ids must be integers (u8, u32, i16, i32 or i64), got {}",
+                crate::error::describe(what, ids)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `ids` as token ids of a `vocab`-word vocabulary, naming the input `what` on failure:
+/// an integer dtype ([`Error::Invalid`]; a float id would be truncated silently), rank 2
+/// `[B, T]` ([`Error::Shape`]), and every id in `0..vocab` ([`Error::Invalid`] naming the first
+/// bad id and where it is). One device-to-host read of the extremes; the ids themselves are only
+/// read back when one is out of range.
+pub fn check_token_ids(ids: &Tensor, what: &str, vocab: usize) -> Result<()> {
+    check_token_dtype(ids, what)?;
+    let dt = ids.dtype();
+    if ids.rank() != 2 {
+        return Err(Error::shape(what, "[B, T]", ids.dims()));
+    }
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let flat = ids.flatten_all()?;
+    let (lo, hi) = match dt {
+        DType::U8 | DType::U32 => (
+            0,
+            flat.to_dtype(DType::U32)?.max(0)?.to_scalar::<u32>()? as i64,
+        ),
+        _ => {
+            let f = flat.to_dtype(DType::I64)?;
+            let ends = Tensor::stack(&[f.min(0)?, f.max(0)?], 0)?.to_vec1::<i64>()?;
+            (ends[0], ends[1])
+        }
+    };
+    let vocab_i = i64::try_from(vocab).unwrap_or(i64::MAX);
+    if lo >= 0 && hi < vocab_i {
+        return Ok(());
+    }
+    let all = flat.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let cols = ids.dims()[1];
+    let (i, id) = all
+        .iter()
+        .enumerate()
+        .find(|(_, &v)| v < 0 || v >= vocab_i)
+        .map(|(i, &v)| (i, v))
+        .unwrap_or((0, hi));
+    Err(Error::invalid(
+        what,
+        format!(
+            "token id {id} at [{}, {}] is out of range for vocabulary {vocab} ({})",
+            i / cols,
+            i % cols,
+            crate::error::describe(what, ids)
+        ),
+    ))
 }
 
 /// `PositionalEmbedding`: learned absolute positions; position `t` reads row `t + 2`.

@@ -108,6 +108,16 @@ pub enum Error {
         /// What went wrong (which rank failed, a mismatch, a timeout...).
         reason: String,
     },
+    /// An error from candle that came out of a public call, with the call and its main inputs
+    /// named (`Decoder::forward(prev_output_tokens [2, 7] u32): shape mismatch in cat ...`).
+    #[error("{context}: {source}")]
+    Context {
+        /// The call and its main arguments' shapes and dtypes.
+        context: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -129,6 +139,7 @@ impl From<Error> for candle_core::Error {
         match e {
             Error::Candle(inner) => inner,
             Error::Io(inner) => candle_core::Error::Io(inner),
+            Error::Context { context, source } => source.context(context),
             other => candle_core::Error::wrap(other),
         }
     }
@@ -169,6 +180,59 @@ impl Error {
             reason: reason.into(),
         }
     }
+
+    /// Names the public call a candle error came out of: [`Error::Candle`] becomes
+    /// [`Error::Context`] with `call()` (only evaluated then). Our own errors already name their
+    /// input, and an error that has its context keeps the innermost one, so both pass unchanged.
+    pub fn in_call(self, call: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::Candle(source) => Error::Context {
+                context: call(),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// `name [2, 7] u32`: how error messages show an input tensor.
+pub fn describe(name: &str, t: &candle_core::Tensor) -> String {
+    format!("{name} {:?} {}", t.dims(), t.dtype().as_str())
+}
+
+/// Checks that `t` lives on `device` (the model's), naming the input on failure; candle's own
+/// error would not say which input.
+pub fn expect_device(
+    t: &candle_core::Tensor,
+    what: &str,
+    device: &candle_core::Device,
+) -> Result<()> {
+    if !t.device().same_device(device) {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "is on {:?} but the model is on {:?}",
+                t.device().location(),
+                device.location()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a mask holds integers or booleans (candle's u8), naming the input on failure:
+/// nonzero means masked, a notion a float tensor (an additive mask, an embedding) does not carry.
+pub fn expect_int_mask(t: &candle_core::Tensor, what: &str) -> Result<()> {
+    if !t.dtype().is_int() {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "a padding mask holds integers or booleans (nonzero = padded), got {}",
+                describe(what, t)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a tensor's dtype, naming the input on failure.
@@ -229,6 +293,30 @@ mod tests {
             !matches!(back, candle_core::Error::Wrapped(_)),
             "nested: {back:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn in_call_names_candle_errors_only_and_survives_the_way_back() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?;
+        let b = Tensor::zeros((4, 5), candle_core::DType::F32, &dev)?;
+        let candle: Error = a.matmul(&b).unwrap_err().into();
+        let raw = candle.to_string();
+        let named = candle.in_call(|| format!("Model::forward({})", describe("x", &a)));
+        assert!(matches!(named, Error::Context { .. }));
+        assert_eq!(
+            named.to_string(),
+            format!("Model::forward(x [2, 3] f32): {raw}")
+        );
+        // The innermost call keeps its name.
+        let outer = named.in_call(|| "Outer::call()".into());
+        assert!(outer.to_string().starts_with("Model::forward"), "{outer}");
+        let back: candle_core::Error = outer.into();
+        assert!(back.to_string().contains("Model::forward(x [2, 3] f32)"));
+        // Our own errors already name their input.
+        let ours = Error::invalid("x", "bad").in_call(|| unreachable!());
+        assert!(matches!(ours, Error::Invalid { .. }));
         Ok(())
     }
 

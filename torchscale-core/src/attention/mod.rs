@@ -160,27 +160,32 @@ impl MultiheadAttention {
         inputs: &AttentionInputs,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, c) = query.dims3()?;
-        if c != self.cfg.embed_dim {
-            return Err(Error::shape(
-                "query",
-                format!("[B, T, {}]", self.cfg.embed_dim),
-                query.dims(),
-            ));
-        }
-        let (kb, s, kc) = key_value.dims3()?;
-        if kb != b || kc != c {
-            return Err(Error::shape(
-                "key",
-                format!("[{b}, S, {c}]"),
-                key_value.dims(),
-            ));
+        let want_q = format!("[B, T, {}]", self.cfg.embed_dim);
+        let (b, t, c) = match query.dims() {
+            &[b, t, c] if c == self.cfg.embed_dim => (b, t, c),
+            got => return Err(Error::shape("query", want_q, got)),
+        };
+        let s = match key_value.dims() {
+            &[kb, s, kc] if kb == b && kc == c => s,
+            got => return Err(Error::shape("key", format!("[{b}, S, {c}]"), got)),
+        };
+        if key_value.dtype() != query.dtype() {
+            return Err(Error::DType {
+                what: "key".into(),
+                expected: query.dtype(),
+                got: key_value.dtype(),
+            });
         }
         let h = self.cfg.num_heads;
         let d = self.head_dim;
         let br = inputs.branch;
-        // The masks are checked here, once, whichever path computes the attention.
-        let src_len = s + cache.as_ref().map_or(0, |c| c.len());
+        // The cache and the masks are checked here, once, whichever path computes the attention:
+        // a cache of another batch or width would otherwise fail deep inside as "cat".
+        let cached = match cache.as_ref() {
+            Some(kv) => kv.check("cache", b, h, d, query.dtype())?,
+            None => 0,
+        };
+        let src_len = s + cached;
         if let Some(mask) = inputs.attn_mask {
             if mask.dims() != [t, src_len] {
                 return Err(Error::shape(
