@@ -226,6 +226,12 @@ impl Stabilizer for Admin {
     fn residual_scale(&self) -> f64 {
         self.omega
     }
+
+    /// The LayerNorm, plus a learnable ω of the norm's width (a buffer ω is no parameter).
+    fn residual_param_count(&self, _site: Site, spec: NormSpec) -> usize {
+        let omega = if self.as_parameter { spec.dim } else { 0 };
+        spec.norm_param_count().saturating_add(omega)
+    }
 }
 
 #[cfg(test)]

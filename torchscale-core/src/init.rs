@@ -5,7 +5,7 @@
 //! [`ParamStore`] is a `VarMap` whose fresh variables come from a seeded generator, so the same
 //! seed builds the same model.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -14,6 +14,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 /// A `VarMap` plus a seeded generator: the trainable parameters of a model, by state_dict name.
+///
+/// A parameter whose size cannot be allocated (an element count that overflows, more bytes than
+/// the allocator gives) is an error naming it, never an abort; neither lock is held across a
+/// call that can fail or panic, and a lock poisoned by someone else's panic is taken back, so
+/// one refused build leaves the store usable.
 #[derive(Clone)]
 pub struct ParamStore {
     map: VarMap,
@@ -49,8 +54,9 @@ impl ParamStore {
 
     /// Every parameter with its name, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let data = self.map.data().lock().expect("param store lock");
+        let data = lock(self.map.data());
         let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        drop(data);
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -62,31 +68,71 @@ impl ParamStore {
 
     /// The parameter called `name`, if any.
     pub fn get(&self, name: &str) -> Option<Var> {
-        self.map
-            .data()
-            .lock()
-            .expect("param store lock")
-            .get(name)
-            .cloned()
+        lock(self.map.data()).get(name).cloned()
     }
 
-    fn sample(&self, shape: &Shape, init: Init) -> Vec<f32> {
-        let n = shape.elem_count();
-        let mut rng = self.rng.lock().expect("param store rng lock");
+    /// `shape`'s values drawn from `init`. The buffer is reserved and the init checked before
+    /// the generator's lock is taken; what runs under the lock cannot fail.
+    fn sample(&self, name: &str, shape: &Shape, init: Init) -> candle_core::Result<Vec<f32>> {
+        let n = checked_elem_count(name, shape.dims())?;
+        if let Init::Uniform { lo, up } = init {
+            // rand's range sampler panics on these.
+            if !(lo.is_finite() && up.is_finite() && lo <= up) {
+                return Err(crate::Error::invalid(
+                    name,
+                    format!("uniform init bounds [{lo}, {up}] are not a finite range"),
+                )
+                .into());
+            }
+        }
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(n).map_err(|e| {
+            candle_core::Error::from(crate::Error::invalid(
+                name,
+                format!(
+                    "cannot allocate {n} f32 values ({} bytes) for shape {:?}: {e}",
+                    n.saturating_mul(4),
+                    shape.dims()
+                ),
+            ))
+        })?;
+        let mut rng = lock(&self.rng);
         match init {
-            Init::Const(c) => vec![c as f32; n],
-            Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..=up) as f32).collect(),
-            Init::Randn { mean, stdev } => (0..n)
-                .map(|_| (mean + stdev * std_normal(&mut *rng)) as f32)
-                .collect(),
+            Init::Const(c) => out.resize(n, c as f32),
+            Init::Uniform { lo, up } => {
+                out.extend((0..n).map(|_| rng.random_range(lo..=up) as f32));
+            }
+            Init::Randn { mean, stdev } => {
+                out.extend((0..n).map(|_| (mean + stdev * std_normal(&mut *rng)) as f32));
+            }
             Init::Kaiming { .. } => {
                 // Not used by torchscale-rs; fall back to PyTorch's default Linear bound.
                 let fan_in = shape.dims().last().copied().unwrap_or(1).max(1) as f64;
                 let b = 1.0 / fan_in.sqrt();
-                (0..n).map(|_| rng.random_range(-b..=b) as f32).collect()
+                out.extend((0..n).map(|_| rng.random_range(-b..=b) as f32));
             }
         }
+        Ok(out)
     }
+}
+
+/// Locks `m`, taking the guard back if another thread panicked while holding it: the store's
+/// map and generator are only ever left whole (no update is half-done under the lock).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The element count of `dims` for parameter `name`, or an error when it overflows `usize`
+/// (candle's own count would overflow: a panic in debug builds, a wrong size in release).
+pub fn checked_elem_count(name: &str, dims: &[usize]) -> crate::Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            crate::Error::invalid(
+                name,
+                format!("shape {dims:?} has more elements than a usize can count"),
+            )
+        })
 }
 
 /// One standard normal draw (`rand_distr`'s ziggurat sampler).
@@ -121,7 +167,8 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        if let Some(v) = self.map.data().lock().expect("param store lock").get(name) {
+        let existing = lock(self.map.data()).get(name).cloned();
+        if let Some(v) = existing {
             if v.shape() != &s {
                 candle_core::bail!(
                     "shape mismatch for {name}, expected {s:?}, got {:?}",
@@ -130,14 +177,14 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             }
             return Ok(v.as_tensor().clone());
         }
-        let data = self.sample(&s, h);
-        let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
-        let var = Var::from_tensor(&t)?;
-        self.map
-            .data()
-            .lock()
-            .expect("param store lock")
-            .insert(name.to_string(), var.clone());
+        let data = self.sample(name, &s, h)?;
+        // f32 becomes the variable in place; another dtype is converted, then copied once.
+        let var = if dtype == DType::F32 {
+            Var::from_vec(data, s, dev)?
+        } else {
+            Var::from_tensor(&Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?)?
+        };
+        lock(self.map.data()).insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
     }
 
@@ -147,18 +194,14 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         _dtype: DType,
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        match self.map.data().lock().expect("param store lock").get(name) {
+        match lock(self.map.data()).get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
             None => candle_core::bail!("no parameter {name}"),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map
-            .data()
-            .lock()
-            .expect("param store lock")
-            .contains_key(name)
+        lock(self.map.data()).contains_key(name)
     }
 }
 
@@ -207,6 +250,65 @@ mod tests {
         let again = ParamStore::new(7).var_builder(DType::F32, &Device::Cpu);
         let w2 = again.get_with_hints((2, 3), "w", linear_init(4, 1.0))?;
         assert_eq!(w2.flatten_all()?.to_vec1::<f32>()?, w);
+        Ok(())
+    }
+
+    #[test]
+    fn oversized_shapes_are_errors_and_the_store_stays_usable() -> candle_core::Result<()> {
+        let store = ParamStore::new(7);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        // The element count overflows usize; then one that counts but cannot be allocated.
+        for dims in [vec![usize::MAX / 2, 3], vec![(1usize << 63) - 1, 1]] {
+            let e = vb
+                .get_with_hints(dims.as_slice(), "huge", init)
+                .unwrap_err();
+            assert!(e.to_string().contains("huge"), "{e}");
+        }
+        let e = vb
+            .get_with_hints(
+                2,
+                "bad",
+                Init::Uniform {
+                    lo: 1.0,
+                    up: f64::NAN,
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("bad"), "{e}");
+        assert!(store.get("huge").is_none());
+        // The same seed still draws the pinned values: nothing was consumed by the refusals.
+        let w = vb.get_with_hints((2, 3), "w", linear_init(4, 1.0))?;
+        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, PIN_UNIFORM);
+        let e = vb.get_with_hints(4, "e", init)?;
+        assert_eq!(e.to_vec1::<f32>()?, PIN_NORMAL);
+        Ok(())
+    }
+
+    #[test]
+    fn a_poisoned_lock_is_taken_back() -> candle_core::Result<()> {
+        let store = ParamStore::new(7);
+        let (a, b) = (store.clone(), store.clone());
+        // Someone else's panic while holding each lock.
+        let _ = std::thread::spawn(move || {
+            let _g = a.map.data().lock();
+            panic!("poison the map");
+        })
+        .join();
+        let _ = std::thread::spawn(move || {
+            let _g = b.rng.lock();
+            panic!("poison the generator");
+        })
+        .join();
+        assert!(store.map.data().is_poisoned() && store.rng.is_poisoned());
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let w = vb.get_with_hints((2, 3), "w", linear_init(4, 1.0))?;
+        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, PIN_UNIFORM);
+        assert_eq!(store.named_vars().len(), 1);
+        assert!(store.get("w").is_some());
         Ok(())
     }
 

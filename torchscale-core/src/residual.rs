@@ -232,6 +232,15 @@ pub struct NormSpec {
     pub multiway: bool,
 }
 
+impl NormSpec {
+    /// Parameters of the LayerNorm this spec describes: weight and bias of `dim`, twice when
+    /// multiway (saturating: a count that large is refused by any memory budget anyway).
+    pub fn norm_param_count(&self) -> usize {
+        let copies = if self.multiway { 2 } else { 1 };
+        self.dim.saturating_mul(2).saturating_mul(copies)
+    }
+}
+
 /// A technique: answers the three questions that tell stabilisers apart, for one stack.
 ///
 /// 1. the residual wiring of each site ([`Stabilizer::residual`]);
@@ -264,6 +273,14 @@ pub trait Stabilizer: Send + Sync + std::fmt::Debug {
     /// The factor on the skip branch, for reporting (DeepNorm α, Admin ω; 1 otherwise).
     fn residual_scale(&self) -> f64 {
         1.0
+    }
+
+    /// How many trainable scalars [`Stabilizer::residual`] creates for `site`, so a model's
+    /// size is known before anything is allocated. The default is one LayerNorm
+    /// ([`NormSpec::norm_param_count`]), what every built-in residual has; a technique whose
+    /// residual holds more (Admin's learnable ω) or fewer parameters overrides it.
+    fn residual_param_count(&self, _site: Site, spec: NormSpec) -> usize {
+        spec.norm_param_count()
     }
 }
 

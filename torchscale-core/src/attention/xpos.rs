@@ -4,6 +4,12 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
+/// ζ_m of heads of width `head_dim`, in f32 as torchscale computes it.
+fn zeta(m: usize, head_dim: usize) -> f32 {
+    let d = head_dim as f32;
+    ((2 * m) as f32 + 0.4 * d) / (1.4 * d)
+}
+
 /// xPos for one attention module; the buffer `scale` (ζ_m = (2m + 0.4d)/(1.4d)) is saved as
 /// `xpos.scale` so checkpoints load into torchscale.
 #[derive(Debug, Clone)]
@@ -23,10 +29,7 @@ impl Xpos {
                 format!("must be finite and > 0, got {scale_base}"),
             ));
         }
-        let d = head_dim as f32;
-        let zeta = (0..head_dim / 2)
-            .map(|m| ((2 * m) as f32 + 0.4 * d) / (1.4 * d))
-            .collect();
+        let zeta = (0..head_dim / 2).map(|m| zeta(m, head_dim)).collect();
         Ok(Self {
             head_dim,
             scale_base,
@@ -39,8 +42,20 @@ impl Xpos {
     /// `xpos_scale_base` otherwise. The scale `zeta^(pos / scale_base)` grows with
     /// `positions / scale_base`: `scale_base = 1` overflows f32 from about 140 positions, and the
     /// keys' `1 / scale` then multiplies the queries' `inf` into NaN scores.
+    /// Allocates nothing: only ζ_0 bounds the scales, so a config's head width, however large,
+    /// is checked before any model is built.
     pub fn check_positions(head_dim: usize, scale_base: f64, positions: usize) -> Result<()> {
-        Self::new(head_dim, scale_base)?.check_len(positions, DType::F32)
+        Self::new(0, scale_base)?;
+        let first = Self {
+            head_dim,
+            scale_base,
+            zeta: if head_dim >= 2 {
+                vec![zeta(0, head_dim)]
+            } else {
+                Vec::new()
+            },
+        };
+        first.check_len(positions, DType::F32)
     }
 
     /// The [`Xpos::check_positions`] test for `n` positions in `dtype` (f16 overflows sooner).
@@ -154,5 +169,27 @@ mod tests {
         // f16 overflows much sooner than f32.
         let h = q.narrow(2, 0, 64).unwrap().to_dtype(DType::F16).unwrap();
         assert!(x.forward(&h, 0, false).is_err());
+    }
+
+    #[test]
+    fn check_positions_agrees_with_the_module_and_allocates_nothing() {
+        // Same verdicts as the built module's own check, across widths and lengths.
+        for (d, base, n) in [
+            (16, 1.0, 140),
+            (16, 1.0, 141),
+            (64, 2.0, 300),
+            (6, 512.0, 1 << 20),
+        ] {
+            let built = Xpos::new(d, base).unwrap().check_len(n, DType::F32).is_ok();
+            assert_eq!(
+                Xpos::check_positions(d, base, n).is_ok(),
+                built,
+                "{d} {base} {n}"
+            );
+        }
+        // A head wider than memory is checked at once (the module would need 2^61 floats).
+        assert!(Xpos::check_positions(1 << 62, 512.0, 1024).is_ok());
+        assert!(Xpos::check_positions(1 << 62, 1.0, 1024).is_err());
+        assert!(Xpos::check_positions(16, 0.0, 8).is_err());
     }
 }
