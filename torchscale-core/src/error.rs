@@ -90,6 +90,19 @@ pub enum Error {
         /// Where it was found.
         what: String,
     },
+    /// Building a model or running a batch would take more memory than the budget (by default
+    /// the memory available): refused before anything is allocated.
+    #[error("{what} needs {needed} bytes ({sized_by}), over the memory budget of {budget} bytes")]
+    MemoryBudget {
+        /// What was refused (`Decoder parameters`, `micro-batch`, ...).
+        what: String,
+        /// The fields or arguments that size it, with their values.
+        sized_by: String,
+        /// Bytes it would take (saturated at `u128::MAX` when even that overflows).
+        needed: u128,
+        /// Bytes allowed.
+        budget: u64,
+    },
     /// An argument outside the shapes and dtypes checks (an index out of range, an empty input...).
     #[error("invalid argument `{what}`: {reason}")]
     Invalid {
