@@ -358,3 +358,66 @@ fn a_bf16_run_resumes_exactly() {
     );
     assert_eq!(logged_losses(parts.path()), logged_losses(whole.path()));
 }
+
+#[test]
+fn checkpoint_activations_parses_as_a_session_flag() {
+    assert_eq!(parse(&[]).unwrap().session.checkpoint_activations, None);
+    let p = parse(&["--checkpoint-activations", "--steps=3"]).unwrap();
+    assert_eq!(p.session.checkpoint_activations, Some(1), "K defaults to 1");
+    assert!(p.run_flags_given.is_empty(), "{:?}", p.run_flags_given);
+    let p = parse(&["--checkpoint-activations", "3"]).unwrap();
+    assert_eq!(p.session.checkpoint_activations, Some(3));
+    let e = parse(&["--checkpoint-activations=0"]).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("--checkpoint-activations"), "{e}");
+}
+
+/// With activation checkpointing the run logs the plain run's losses (3 layers in segments of
+/// 2, dropout on).
+#[test]
+fn a_checkpointed_run_logs_the_plain_losses() {
+    let flags = |extra: &'static [&'static str]| {
+        let mut f = vec![
+            "--layers",
+            "3",
+            "--dim",
+            "32",
+            "--heads",
+            "2",
+            "--ffn",
+            "64",
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--steps",
+            "3",
+            "--attention-dropout",
+            "0.1",
+            "--sample-len",
+            "0",
+        ];
+        f.extend_from_slice(extra);
+        f
+    };
+    let run_with = |extra: &'static [&'static str]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = corpus(tmp.path());
+        let out = tmp.path().join("run").display().to_string();
+        let mut a: Vec<&str> = vec!["--data", &data, "--out", &out];
+        a.extend(flags(extra));
+        let r = run("train_lm", &a);
+        assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+        (r.stdout, logged_losses(tmp.path()))
+    };
+    let (_, plain) = run_with(&[]);
+    let (stdout, ck) = run_with(&["--checkpoint-activations", "2"]);
+    assert!(
+        stdout.contains("activation checkpointing: segments of 2 layer(s)"),
+        "{stdout}"
+    );
+    assert_eq!(plain.len(), 3);
+    for (a, b) in plain.iter().zip(&ck) {
+        assert!((a - b).abs() <= 1e-5 * a, "{plain:?} vs {ck:?}");
+    }
+}

@@ -85,6 +85,8 @@ pub struct Session {
     pub expert_parallel: bool,
     /// Under mpirun: AdamW's moments sharded over the ranks (ZeRO stage 1).
     pub zero1: bool,
+    /// Activation checkpointing: layers per recomputed segment (None: off).
+    pub checkpoint_activations: Option<usize>,
 }
 
 pub fn default_data() -> PathBuf {
@@ -93,6 +95,13 @@ pub fn default_data() -> PathBuf {
         local
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kjv.txt")
+    }
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(k),
+        _ => Err(format!("expected a whole number of layers >= 1, got `{s}`")),
     }
 }
 
@@ -211,6 +220,10 @@ pub struct Cli {
     /// Under mpirun: shard AdamW's moments over the ranks (ZeRO stage 1)
     #[arg(long)]
     zero1: bool,
+    /// Keep only the input of every K layers in the forward pass and recompute them in the
+    /// backward pass (less memory, a second forward); K defaults to 1
+    #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "1", value_parser = positive)]
+    checkpoint_activations: Option<usize>,
 }
 
 /// The parsed command line.
@@ -238,6 +251,8 @@ const SESSION_FLAGS: &[&str] = &[
     // a resume may choose another.
     "expert_parallel",
     "zero1",
+    // The same numbers to float rounding, computed with less memory.
+    "checkpoint_activations",
 ];
 
 /// Parses `args` (program name first); clap's error carries the exit code (2 for usage errors,
@@ -298,6 +313,7 @@ fn parsed(c: Cli, cmd: &Command, m: &ArgMatches) -> Parsed {
             temperature: c.temperature,
             expert_parallel: c.expert_parallel,
             zero1: c.zero1,
+            checkpoint_activations: c.checkpoint_activations,
         },
         run_flags_given,
     }

@@ -26,6 +26,11 @@
 //! experts over the ranks. Rank 0 alone prints, logs and writes the checkpoint, which holds every
 //! tensor (the experts gathered from their ranks) and loads on any number of ranks.
 //!
+//! `--checkpoint-activations [K]` keeps only the input of every K layers (default 1) in the forward
+//! pass and recomputes them during the backward pass: the same losses and gradients, to float
+//! rounding, with activation memory of one `[batch, seq, dim]` tensor per K layers plus one
+//! segment's intermediates, for a second forward pass.
+//!
 //! `--dtype bf16|f16` keeps the parameters and activations in that dtype; the fused kernels
 //! compute in f32 and AdamW keeps f32 moments, but there is no f32 master copy of the weights.
 
@@ -329,6 +334,9 @@ fn run(parsed: Parsed, ranks: Ranks) -> Result<()> {
             corpus.valid_len(),
             a.data.display()
         );
+        if let Some(k) = session.checkpoint_activations {
+            println!("activation checkpointing: segments of {k} layer(s), recomputed in the backward pass");
+        }
         std::fs::create_dir_all(&session.out)
             .with_context(|| format!("creating {}", session.out.display()))?;
     }
@@ -364,7 +372,10 @@ fn run(parsed: Parsed, ranks: Ranks) -> Result<()> {
             } else {
                 corpus.train_batch(a.batch, a.seq, ctx.seed, &dev)?
             };
-            lm.micro_batch(&i, &tg, true, &loss_cfg, ctx.seed)
+            match session.checkpoint_activations {
+                Some(k) => lm.micro_batch_checkpointed(&i, &tg, true, &loss_cfg, ctx.seed, k),
+                None => lm.micro_batch(&i, &tg, true, &loss_cfg, ctx.seed),
+            }
         })?;
         summary.steps += 1;
         summary.tokens += r.ntokens;
