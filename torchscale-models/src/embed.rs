@@ -6,7 +6,7 @@ use torchscale_core::dropout::dropout;
 use torchscale_core::embedding::{PositionEmbedding, TokenEmbedding};
 use torchscale_core::layer_norm::LayerNorm;
 use torchscale_core::linear::linear_normal;
-use torchscale_core::{Branch, Multiway, Result};
+use torchscale_core::{Branch, Error, Multiway, Result};
 
 use crate::spec::StackSpec;
 
@@ -90,7 +90,20 @@ impl EmbeddingStage {
         branch: Branch,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let e = self.tokens.forward(tokens)?;
+        self.forward_named(tokens, "tokens", start, branch, train)
+    }
+
+    /// As [`EmbeddingStage::forward`], with errors (bad ids, a sequence longer than the position
+    /// table) naming the input `what`.
+    pub fn forward_named(
+        &self,
+        tokens: &Tensor,
+        what: &str,
+        start: usize,
+        branch: Branch,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let e = self.tokens.forward_named(tokens, what)?;
         let embed = if self.scale != 1.0 {
             (e * self.scale)?
         } else {
@@ -98,7 +111,11 @@ impl EmbeddingStage {
         };
         let mut x = embed.clone();
         if let Some(p) = &self.positions {
-            x = x.broadcast_add(&p.forward(start, tokens.dim(1)?)?.to_dtype(x.dtype())?)?;
+            let rows = p.forward(start, tokens.dim(1)?).map_err(|e| match e {
+                Error::Invalid { reason, .. } => Error::invalid(what, reason),
+                other => other,
+            })?;
+            x = x.broadcast_add(&rows.to_dtype(x.dtype())?)?;
         }
         if let Some(ln) = &self.layernorm {
             x = ln.apply(&x, branch, |ln, x| ln.forward(x))?;

@@ -10,7 +10,11 @@ use torchscale_core::layer_norm::LayerNorm;
 use torchscale_core::linear::apply;
 use torchscale_core::{AuxOutput, Branch, Ctx, Error, Multiway, Result, Stabilizer};
 
+use torchscale_core::embedding::check_token_dtype;
+use torchscale_core::error::{describe, expect_device, expect_int_mask};
+
 use crate::build::StackPlan;
+use crate::decoder::{check_uniforms, name_uniform};
 use crate::embed::EmbeddingStage;
 use crate::layer::Layer;
 use crate::spec::StackSpec;
@@ -18,7 +22,8 @@ use crate::spec::StackSpec;
 /// Options of one encoder call.
 #[derive(Debug, Default, Clone)]
 pub struct EncoderInputs<'a> {
-    /// `[B, T]`, nonzero = padded (torchscale: `encoder_padding_mask`). None: no padding.
+    /// `[B, T]`, integer or boolean (u8), nonzero = padded (torchscale: `encoder_padding_mask`).
+    /// None: no padding.
     pub padding_mask: Option<&'a Tensor>,
     /// Optional `[T, T]` mask: nonzero entries are blocked (torchscale adds -1e8 there).
     pub attn_mask: Option<&'a Tensor>,
@@ -26,11 +31,13 @@ pub struct EncoderInputs<'a> {
     pub features_only: bool,
     /// Collect each layer's output in `encoder_states`.
     pub return_all_hiddens: bool,
-    /// Multiway split (torchscale's `multiway_split_position`).
+    /// Multiway split (torchscale's `multiway_split_position`); anything but [`Branch::A`] is
+    /// refused by an encoder that is not multiway, which would ignore it.
     pub branch: Branch,
     /// Training mode.
     pub train: bool,
-    /// MoE uniforms, one `[S]` tensor per layer index (None: drawn internally).
+    /// MoE uniforms, one `[S]` tensor per layer index (None: drawn internally); at most one entry
+    /// per layer, and `Some` only for MoE layers.
     pub moe_uniforms: Vec<Option<Tensor>>,
 }
 
@@ -182,27 +189,76 @@ impl Encoder {
         crate::checkpoint::layer_buffers(&self.layers, "")
     }
 
-    /// Encodes `src_tokens: [B, T]`.
+    /// Encodes `src_tokens: [B, T]`. The inputs are checked first, each error naming its
+    /// argument (`src_tokens`, `encoder_padding_mask`, `attn_mask`, `moe_uniforms[i]`,
+    /// `branch`); a candle error from the computation comes back as [`Error::Context`] naming
+    /// this call and its inputs' shapes.
     pub fn forward(&self, src_tokens: &Tensor, inp: &EncoderInputs) -> Result<EncoderOutput> {
+        self.run(src_tokens, inp).map_err(|e| {
+            e.in_call(|| {
+                let mut args = vec![describe("src_tokens", src_tokens)];
+                if let Some(m) = inp.padding_mask {
+                    args.push(describe("encoder_padding_mask", m));
+                }
+                if let Some(m) = inp.attn_mask {
+                    args.push(describe("attn_mask", m));
+                }
+                format!("Encoder::forward({})", args.join(", "))
+            })
+        })
+    }
+
+    /// Every input checked against the model before any work. Returns `(B, T)`.
+    fn check_inputs(&self, src_tokens: &Tensor, inp: &EncoderInputs) -> Result<(usize, usize)> {
+        let dev = self.embed.tokens.weight().device();
+        // The ids' range is checked where they are embedded (one read of their extremes).
+        check_token_dtype(src_tokens, "src_tokens")?;
+        let (b, t) = match src_tokens.dims() {
+            &[b, t] => (b, t),
+            got => return Err(Error::shape("src_tokens", "[B, T]", got)),
+        };
+        expect_device(src_tokens, "src_tokens", dev)?;
+        if let Some(m) = inp.padding_mask {
+            if m.dims() != [b, t] {
+                return Err(Error::shape(
+                    "encoder_padding_mask",
+                    format!("[{b}, {t}]"),
+                    m.dims(),
+                ));
+            }
+            expect_int_mask(m, "encoder_padding_mask")?;
+            expect_device(m, "encoder_padding_mask", dev)?;
+        }
+        if let Some(m) = inp.attn_mask {
+            if m.dims() != [t, t] {
+                return Err(Error::shape("attn_mask", format!("[{t}, {t}]"), m.dims()));
+            }
+            expect_device(m, "attn_mask", dev)?;
+        }
+        if !self.spec.multiway && inp.branch != Branch::A {
+            return Err(Error::invalid(
+                "branch",
+                format!(
+                    "{:?} picks a multiway copy, but this encoder has one copy of each module",
+                    inp.branch
+                ),
+            ));
+        }
+        check_uniforms(&inp.moe_uniforms, &self.layers)?;
+        Ok((b, t))
+    }
+
+    fn run(&self, src_tokens: &Tensor, inp: &EncoderInputs) -> Result<EncoderOutput> {
         let _span = tracing::trace_span!("forward", model = "Encoder", train = inp.train).entered();
-        let (b, t) = src_tokens
-            .dims2()
-            .map_err(|_| Error::shape("src_tokens", "[B, T]", src_tokens.dims()))?;
+        let (b, t) = self.check_inputs(src_tokens, inp)?;
         let dev = src_tokens.device();
         let mask = match inp.padding_mask {
-            Some(m) => {
-                if m.dims() != [b, t] {
-                    return Err(Error::shape(
-                        "encoder_padding_mask",
-                        format!("[{b}, {t}]"),
-                        m.dims(),
-                    ));
-                }
-                m.ne(0u32)?
-            }
+            Some(m) => m.ne(0u32)?,
             None => Tensor::zeros((b, t), DType::U8, dev)?,
         };
-        let (x, embed) = self.embed.forward(src_tokens, 0, inp.branch, inp.train)?;
+        let (x, embed) =
+            self.embed
+                .forward_named(src_tokens, "src_tokens", 0, inp.branch, inp.train)?;
         let keep = mask.eq(0u32)?.to_dtype(x.dtype())?.unsqueeze(2)?;
         let mut x = x.broadcast_mul(&keep)?;
         let rel = match &self.relative_position {
@@ -211,9 +267,6 @@ impl Encoder {
         };
         let attn_mask = match inp.attn_mask {
             Some(m) => {
-                if m.dims() != [t, t] {
-                    return Err(Error::shape("attn_mask", format!("[{t}, {t}]"), m.dims()));
-                }
                 let blocked = m.ne(0u32)?;
                 let z = Tensor::zeros((t, t), x.dtype(), dev)?;
                 Some(blocked.where_cond(&(z.ones_like()? * -1e8)?, &z)?)
@@ -238,7 +291,9 @@ impl Encoder {
                 time_major: true,
                 ..Default::default()
             };
-            x = layer.forward(&x, &mut ctx)?;
+            x = layer
+                .forward(&x, &mut ctx)
+                .map_err(|e| name_uniform(e, i))?;
             l_aux.push(ctx.aux.first().map(|a: &AuxOutput| a.balance_loss.clone()));
             aux.append(&mut ctx.aux);
             if inp.return_all_hiddens {

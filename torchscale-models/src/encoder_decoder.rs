@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
-use torchscale_core::{Result, Stabilizer};
+use torchscale_core::{Error, Result, Stabilizer};
 
 use crate::build::StackPlan;
 use crate::decoder::{Decoder, DecoderInputs, DecoderOutput, Memory};
@@ -56,6 +56,8 @@ impl EncoderDecoder {
     }
 
     /// Encodes `src_tokens` with its padding mask and decodes `prev_output_tokens` against it.
+    /// The two must have the same batch size; each stack checks its own inputs, and errors name
+    /// the argument at fault (`src_tokens`, `encoder_padding_mask`, `prev_output_tokens`).
     /// Unlike torchscale's `forward` (see [`EncoderDecoder::forward_torchscale`]) the source padding
     /// mask is honoured.
     pub fn forward(
@@ -66,6 +68,7 @@ impl EncoderDecoder {
         train: bool,
     ) -> Result<(EncoderOutput, DecoderOutput)> {
         let _span = tracing::trace_span!("forward", model = "EncoderDecoder", train).entered();
+        check_batches(src_tokens, prev_output_tokens)?;
         let enc = self.encoder.forward(
             src_tokens,
             &EncoderInputs {
@@ -115,6 +118,7 @@ impl EncoderDecoder {
         src_tokens: &Tensor,
         prev_output_tokens: &Tensor,
     ) -> Result<DecoderOutput> {
+        check_batches(src_tokens, prev_output_tokens)?;
         let enc = self
             .encoder
             .forward(src_tokens, &EncoderInputs::default())?;
@@ -150,4 +154,19 @@ impl EncoderDecoder {
         )?);
         Ok(b)
     }
+}
+
+/// Source and target must pair row for row; checked before the encoder runs, so the error names
+/// `prev_output_tokens` rather than the decoder's view of `encoder_out`.
+fn check_batches(src_tokens: &Tensor, prev_output_tokens: &Tensor) -> Result<()> {
+    if let (Some(&b), Some(&tb)) = (src_tokens.dims().first(), prev_output_tokens.dims().first()) {
+        if src_tokens.rank() == 2 && prev_output_tokens.rank() == 2 && b != tb {
+            return Err(Error::shape(
+                "prev_output_tokens",
+                format!("[{b}, T] (the batch of src_tokens)"),
+                prev_output_tokens.dims(),
+            ));
+        }
+    }
+    Ok(())
 }

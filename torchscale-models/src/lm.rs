@@ -32,6 +32,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
+use torchscale_core::embedding::{check_token_dtype, check_token_ids};
+use torchscale_core::error::describe;
 use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_core::{Collective, Error, Result};
 
@@ -237,17 +239,40 @@ impl LanguageModel {
         loss: &LossConfig,
         seed: u64,
     ) -> Result<MicroBatch> {
+        let vocab = self.model.embed_tokens().vocab_size();
+        check_token_dtype(input, "input")?;
+        check_token_ids(target, "target", vocab)?;
+        if target.dims() != input.dims() {
+            return Err(Error::shape(
+                "target",
+                format!("{:?} (the shape of input)", input.dims()),
+                target.dims(),
+            ));
+        }
         if train {
             self.model.reseed(seed);
             self.model.renormalize_gates()?;
         }
-        let out = self.model.forward(
-            input,
-            &DecoderInputs {
-                train,
-                ..Default::default()
-            },
-        )?;
+        let out = self
+            .model
+            .forward(
+                input,
+                &DecoderInputs {
+                    train,
+                    ..Default::default()
+                },
+            )
+            // The decoder checks the ids; here they are this call's `input`.
+            .map_err(|e| rename_arg(e, |w| (w == "prev_output_tokens").then(|| "input".into())))
+            .map_err(|e| {
+                e.in_call(|| {
+                    format!(
+                        "LanguageModel::micro_batch({}, {})",
+                        describe("input", input),
+                        describe("target", target)
+                    )
+                })
+            })?;
         let ce = label_smoothed_cross_entropy(&out.x, target, loss.label_smoothing, Some(PAD))?;
         let aux: Vec<Tensor> = out.aux.iter().map(|a| a.balance_loss.clone()).collect();
         let mut loss_sum = ce.loss_sum;
@@ -265,8 +290,14 @@ impl LanguageModel {
     /// Mean negative log-likelihood per token over `batches` (evaluation mode, no gradient kept).
     pub fn evaluate(&self, batches: &[(Tensor, Tensor)]) -> Result<f64> {
         let (mut nll, mut n) = (0f64, 0usize);
-        for (i, t) in batches {
-            let mb = self.micro_batch(i, t, false, &LossConfig::default(), 0)?;
+        for (k, (i, t)) in batches.iter().enumerate() {
+            let mb = self
+                .micro_batch(i, t, false, &LossConfig::default(), 0)
+                .map_err(|e| {
+                    rename_arg(e, |w| {
+                        matches!(w, "input" | "target").then(|| format!("batches[{k}].{w}"))
+                    })
+                })?;
             nll += mb.nll_sum;
             n += mb.ntokens;
         }
@@ -300,6 +331,17 @@ impl LanguageModel {
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(Device::Cpu);
+        let vocab = self.model.embed_tokens().vocab_size();
+        if let Some((i, id)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::invalid(
+                "prompt",
+                format!("token id {id} at [{i}] is out of range for vocabulary {vocab}"),
+            ));
+        }
         let mut ids: Vec<u32> = std::iter::once(BOS).chain(prompt.iter().copied()).collect();
         let max = self.cfg.max_target_positions;
         let mut rng = seeded_rng(seed, SAMPLE_STREAM);
@@ -312,7 +354,10 @@ impl LanguageModel {
             let toks = Tensor::from_vec(ids.clone(), (1, ids.len()), &dev)?;
             let logits = self
                 .model
-                .forward_incremental(&toks, &DecoderInputs::default(), &mut state)?
+                .forward_incremental(&toks, &DecoderInputs::default(), &mut state)
+                .map_err(|e| {
+                    e.in_call(|| format!("LanguageModel::generate(prompt of {} ids)", prompt.len()))
+                })?
                 .x;
             let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
             let next = sample(&last, temperature, top_k, &mut rng)?;
@@ -429,6 +474,40 @@ impl LanguageModel {
             None
         };
         Ok((lm, trainer))
+    }
+}
+
+/// Renames the argument a typed error names, where `rename` gives a new name: the model's
+/// errors name its own arguments, a wrapper's caller knows them by the wrapper's.
+fn rename_arg(e: Error, rename: impl Fn(&str) -> Option<String>) -> Error {
+    match e {
+        Error::Shape {
+            what,
+            expected,
+            got,
+        } => Error::Shape {
+            what: rename(&what).unwrap_or(what),
+            expected,
+            got,
+        },
+        Error::DType {
+            what,
+            expected,
+            got,
+        } => Error::DType {
+            what: rename(&what).unwrap_or(what),
+            expected,
+            got,
+        },
+        Error::Invalid { what, reason } => match rename(&what) {
+            // The reason may show the input as `(name [B, T] dtype)`.
+            Some(new) => Error::Invalid {
+                reason: reason.replace(&format!("({what} "), &format!("({new} ")),
+                what: new,
+            },
+            None => Error::Invalid { what, reason },
+        },
+        other => other,
     }
 }
 

@@ -70,7 +70,7 @@ fn bad_inputs_name_their_shape() {
     );
     let out_of_vocab = Tensor::new(&[[4u32, 25]], &Device::Cpu).unwrap();
     assert!(
-        matches!(m.forward(&out_of_vocab, &EncoderInputs::default()).unwrap_err(), Error::Invalid { what, .. } if what == "tokens")
+        matches!(m.forward(&out_of_vocab, &EncoderInputs::default()).unwrap_err(), Error::Invalid { what, .. } if what == "src_tokens")
     );
     let too_long = tokens(1, 1100, 20);
     assert!(matches!(
