@@ -4,7 +4,7 @@
 //!
 //! The choice is process-wide, because layers are built deep inside models: set it with
 //! [`set_expert_compute`] or `TORCHSCALE_MOE_EXPERTS=loop|grouped` in the environment. Grouped is
-//! the default: in whole training steps it ran 1.06-1.26x faster than the loop at 8 and 64
+//! the default: in whole training steps it ran 1.05-1.23x faster than the loop at 8 and 64
 //! experts, although it stacks every expert's weights at each call (BENCHMARKS.md, "Routing").
 //! Both give the same values and gradients; with dropout on, the grouped form draws one mask
 //! over all rows instead of one per expert (same distribution, different draws).
