@@ -37,12 +37,14 @@ use torchscale_core::error::describe;
 use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_core::{Collective, Error, Result};
 
-use crate::build::{decoder_plan, decoder_spec, BuildOptions};
+use crate::build::shapes::check_shapes;
+use crate::build::{available_memory, checked_decoder_plan, decoder_spec, BuildOptions};
 use crate::checkpoint::{load_into, read_safetensors, serialize, state_tensors};
 use crate::checkpoint_dir;
 use crate::config::DecoderConfig;
 use crate::data::{BOS, PAD};
 use crate::decoder::{Decoder, DecoderInputs, IncrementalState};
+use crate::pretrained::read_header;
 use crate::train::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, MicroBatch};
 
 /// The ChaCha stream of sampled tokens (see [`torchscale_core::init::seeded_rng`]).
@@ -64,6 +66,8 @@ pub struct LanguageModel {
     /// The network.
     pub model: Decoder,
     learned_positions: bool,
+    /// The build's [`BuildOptions::memory_budget`], which also bounds a micro-batch's activations.
+    memory_budget: Option<u64>,
 }
 
 impl std::fmt::Debug for LanguageModel {
@@ -157,6 +161,7 @@ impl LanguageModel {
             store,
             model,
             learned_positions,
+            memory_budget: opts.memory_budget,
         })
     }
 
@@ -200,7 +205,8 @@ impl LanguageModel {
             ));
         }
         moe.expert_comm = Some(comm);
-        let plan = decoder_plan(&fin, &spec, &opts)?;
+        // Sized with this rank's share of the experts.
+        let plan = checked_decoder_plan(&fin, &spec, &opts, dtype)?;
         let store = ParamStore::new(seed);
         let model = Decoder::from_plan(spec, plan, false, None, store.var_builder(dtype, device))?;
         Ok(Self {
@@ -208,6 +214,7 @@ impl LanguageModel {
             store,
             model,
             learned_positions,
+            memory_budget: None,
         })
     }
 
@@ -249,6 +256,9 @@ impl LanguageModel {
                 target.dims(),
             ));
         }
+        if let Ok((batch, seq_len)) = input.dims2() {
+            self.check_activations(batch, seq_len)?;
+        }
         if train {
             self.model.reseed(seed);
             self.model.renormalize_gates()?;
@@ -284,6 +294,62 @@ impl LanguageModel {
             nll_sum: ce.nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             ntokens: ce.ntokens,
             grads: None,
+        })
+    }
+
+    /// An estimate of the bytes a training micro-batch of `batch` sequences of `seq_len` tokens
+    /// keeps alive between forward and backward, in the parameters' dtype (`s` bytes):
+    ///
+    /// `B × T × (L × (16·C + 2·F + 2·H·T) + 3·V) × s`
+    ///
+    /// per layer and token, about 16 vectors of width C (norms, q, k, v, attention output,
+    /// residuals), 2 of the FFN width F (fc1 and its activation) and 2 rows of attention scores
+    /// per head (scores and probabilities, `H × T`); then the logits, their log-softmax and
+    /// gradient (`3·V`). It is a lower bound of what candle holds, meant to refuse batches that
+    /// cannot fit, not to promise that others do.
+    pub fn activation_bytes(&self, batch: usize, seq_len: usize) -> u128 {
+        let spec = self.model.spec();
+        let (c, f, h) = (
+            spec.embed_dim as u128,
+            spec.ffn_dim as u128,
+            spec.heads as u128,
+        );
+        let (b, t, l) = (batch as u128, seq_len as u128, spec.layers as u128);
+        let v = spec.vocab_size.max(0) as u128;
+        let s = self.model.embed_tokens().weight().dtype().size_in_bytes() as u128;
+        let per_layer = c
+            .saturating_mul(16)
+            .saturating_add(f.saturating_mul(2))
+            .saturating_add(h.saturating_mul(2).saturating_mul(t));
+        let per_token = l
+            .saturating_mul(per_layer)
+            .saturating_add(v.saturating_mul(3));
+        b.saturating_mul(t)
+            .saturating_mul(per_token)
+            .saturating_mul(s)
+    }
+
+    /// Refuses a micro-batch whose [`activation_bytes`](Self::activation_bytes) exceed the
+    /// memory budget (the build's, else the memory available now), with an
+    /// [`Error::MemoryBudget`] naming `batch` and `seq_len`.
+    pub fn check_activations(&self, batch: usize, seq_len: usize) -> Result<()> {
+        let needed = self.activation_bytes(batch, seq_len);
+        let budget = self.memory_budget.unwrap_or_else(available_memory);
+        if needed <= budget as u128 {
+            return Ok(());
+        }
+        Err(Error::MemoryBudget {
+            what: "micro-batch activations".into(),
+            sized_by: format!(
+                "batch {batch}, seq_len {seq_len} with decoder_embed_dim {}, \
+                 decoder_ffn_embed_dim {}, decoder_layers {}, vocab_size {}",
+                self.cfg.decoder_embed_dim,
+                self.cfg.decoder_ffn_embed_dim,
+                self.cfg.decoder_layers,
+                self.cfg.vocab_size
+            ),
+            needed,
+            budget,
         })
     }
 
@@ -454,17 +520,30 @@ impl LanguageModel {
                 reason: other.to_string(),
             },
         })?;
-        let (tensors, meta) = read_safetensors(&dir.join(MODEL_FILE))?;
-        let learned = match meta.get("learned_positions").map(String::as_str) {
+        // The header first: a config that disagrees with the weights is refused before the
+        // model it describes is built, and before the weights are read.
+        let model_path = dir.join(MODEL_FILE);
+        let header = read_header(&model_path)?;
+        let learned = match header.metadata.get("learned_positions").map(String::as_str) {
             Some("true") => true,
             Some("false") => false,
-            _ => tensors.contains_key("embed_positions.weight"),
+            _ => header.shapes.contains_key("embed_positions.weight"),
         };
         let opts = BuildOptions {
             learned_positions: Some(opts.learned_positions.unwrap_or(learned)),
             hooks: opts.hooks.clone(),
+            memory_budget: opts.memory_budget,
         };
+        check_shapes(
+            &decoder_spec(&cfg, &opts),
+            &opts.hooks,
+            header
+                .shapes
+                .iter()
+                .map(|(k, s)| (k.as_str(), s.as_slice())),
+        )?;
         let lm = Self::with_build_options(cfg, &opts, 0, &Device::Cpu, DType::F32)?;
+        let (tensors, _) = read_safetensors(&model_path)?;
         load_into(&lm.store, &tensors, &lm.model.buffers()?, &lm.aliases())?;
         let trainer_path = dir.join(TRAINER_FILE);
         let trainer = if trainer_path.exists() {

@@ -54,12 +54,14 @@ use candle_nn::VarBuilder;
 use torchscale_core::{Error, Result};
 
 pub use convert::{convert_pt, read_pt};
-pub use weights::{detect_prefix, header_metadata, Weights};
+pub use weights::{detect_prefix, header_metadata, read_header, Header, Weights};
 
-use crate::build::BuildOptions;
+use crate::build::shapes::check_shapes;
+use crate::build::{decoder_spec, encoder_spec, BuildOptions, StackHooks};
 use crate::config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig};
 use crate::embed::PADDING_IDX;
 use crate::lm::{LanguageModel, CONFIG_FILE, MODEL_FILE};
+use crate::spec::StackSpec;
 use crate::{Decoder, Encoder, EncoderDecoder};
 
 /// The index of a sharded checkpoint (its `weight_map` names the file of each tensor).
@@ -216,6 +218,26 @@ impl PretrainedDir {
         Ok(o)
     }
 
+    /// Compares the weights' shapes (from the headers) with the stack `spec` describes, before
+    /// anything is built (see [`check_shapes`]); `prefix` selects the stack's keys (`encoder.`,
+    /// `decoder.` of an encoder-decoder; empty for a lone stack).
+    fn check_shapes(&self, spec: &StackSpec, hooks: &StackHooks, prefix: &str) -> Result<()> {
+        let shapes: Vec<(String, Vec<usize>)> = self
+            .weights
+            .keys()
+            .iter()
+            .filter_map(|k| {
+                let own = k.strip_prefix(prefix)?;
+                Some((own.to_string(), self.weights.shape(k)?))
+            })
+            .collect();
+        check_shapes(
+            spec,
+            hooks,
+            shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
+        )
+    }
+
     /// Builds a model straight from the weights: `build` runs against a `VarBuilder` that hands
     /// out the checkpoint's tensors; then every leftover key is checked (see the module docs).
     fn build<M>(
@@ -300,6 +322,7 @@ impl Encoder {
         let ck = PretrainedDir::open(dir.as_ref(), class)?;
         let cfg = EncoderConfig::from_json_file(ck.config_path())?;
         let opts = ck.options(opts)?;
+        ck.check_shapes(&encoder_spec(&cfg, &opts), &opts.hooks, "")?;
         ck.build(
             class,
             dtype,
@@ -323,6 +346,7 @@ impl Decoder {
         let ck = PretrainedDir::open(dir.as_ref(), class)?;
         let cfg = DecoderConfig::from_json_file(ck.config_path())?;
         let opts = ck.options(opts)?;
+        ck.check_shapes(&decoder_spec(&cfg, &opts), &opts.hooks, "")?;
         ck.build(
             class,
             dtype,
@@ -346,6 +370,10 @@ impl EncoderDecoder {
         let ck = PretrainedDir::open(dir.as_ref(), class)?;
         let cfg = EncoderDecoderConfig::from_json_file(ck.config_path())?;
         let opts = ck.options(opts)?;
+        let enc = encoder_spec(&cfg.encoder_config(), &opts);
+        ck.check_shapes(&enc, &opts.hooks, "encoder.")?;
+        let dec = decoder_spec(&cfg.decoder_config(), &opts);
+        ck.check_shapes(&dec, &opts.hooks, "decoder.")?;
         ck.build(
             class,
             dtype,
@@ -368,10 +396,9 @@ impl LanguageModel {
         let class = ModelClass::Decoder;
         let ck = PretrainedDir::open(dir.as_ref(), class)?;
         let cfg = DecoderConfig::from_json_file(ck.config_path())?;
-        let learned = ck
-            .options(&BuildOptions::default())?
-            .learned_positions
-            .unwrap_or(true);
+        let opts = ck.options(&BuildOptions::default())?;
+        ck.check_shapes(&decoder_spec(&cfg, &opts), &opts.hooks, "")?;
+        let learned = opts.learned_positions.unwrap_or(true);
         let lm = LanguageModel::with_dtype(cfg, learned, 0, device, dtype)?;
         let mut used = HashSet::new();
         let mut plan = Vec::new();

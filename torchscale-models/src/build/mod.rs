@@ -1,10 +1,15 @@
 //! From configs to models: the stack description, the technique of each layer, and the choices
 //! made in code ([`StackHooks`]).
 
+mod available_memory;
+pub mod budget;
 mod hooks;
 mod moe;
 mod plan;
+pub mod shapes;
 
+pub use available_memory::{available_memory, FALLBACK_BUDGET};
+pub use budget::{ModelSize, StackRole};
 pub use hooks::{RouterHook, SiteHook, StabilizerHook, StackHooks};
 pub use plan::{stack_plan, StackPlan};
 
@@ -28,6 +33,10 @@ pub struct BuildOptions {
     pub learned_positions: Option<bool>,
     /// Per-layer stabiliser, router and site hooks (none by default).
     pub hooks: StackHooks,
+    /// Bytes the model may take ([`budget`]): a config whose parameters need more is refused
+    /// before anything is allocated. None: the memory available when the build starts
+    /// ([`available_memory`]).
+    pub memory_budget: Option<u64>,
 }
 
 /// The technique object for a stack.
@@ -118,34 +127,69 @@ pub fn decoder_spec(c: &DecoderConfig, opts: &BuildOptions) -> StackSpec {
 }
 
 impl Encoder {
-    /// Builds an encoder from a torchscale config (finalised and validated here) under `vb`.
+    /// Builds an encoder from a torchscale config (finalised and validated here) under `vb`,
+    /// within the memory budget of `opts` ([`budget`]).
     pub fn new(cfg: &EncoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
         let _span =
             tracing::debug_span!("build", model = "Encoder", layers = cfg.encoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
         let spec = encoder_spec(&cfg, opts);
-        let plan = stack_plan(
-            cfg.technique(),
-            &cfg.layer_techniques,
-            &spec,
-            &cfg.admin_output_change_scale,
-            cfg.admin_as_parameter,
-            &opts.hooks,
-        )?;
+        let role = StackRole::Encoder;
+        let (budget, dtype) = (budget::memory_budget(opts), vb.dtype());
+        let what = "Encoder parameters";
+        let floor = budget::stack_floor(&spec, role);
+        budget::check(floor, dtype, budget, what, budget::sized_by(&spec, role))?;
+        let plan = encoder_plan(&cfg, &spec, opts)?;
+        budget::check_stack(&spec, &plan, role, dtype, budget, what)?;
         Encoder::from_plan(spec, plan, false, None, vb)
     }
 }
 
+/// The layer plan of an encoder stack built from `cfg` (finalised) and `spec`.
+pub(crate) fn encoder_plan(
+    cfg: &EncoderConfig,
+    spec: &StackSpec,
+    opts: &BuildOptions,
+) -> Result<StackPlan> {
+    stack_plan(
+        cfg.technique(),
+        &cfg.layer_techniques,
+        spec,
+        &cfg.admin_output_change_scale,
+        cfg.admin_as_parameter,
+        &opts.hooks,
+    )
+}
+
 impl Decoder {
-    /// Builds a decoder from a torchscale config (finalised and validated here) under `vb`.
+    /// Builds a decoder from a torchscale config (finalised and validated here) under `vb`,
+    /// within the memory budget of `opts` ([`budget`]).
     pub fn new(cfg: &DecoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
         let _span =
             tracing::debug_span!("build", model = "Decoder", layers = cfg.decoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
         let spec = decoder_spec(&cfg, opts);
-        let plan = decoder_plan(&cfg, &spec, opts)?;
+        let plan = checked_decoder_plan(&cfg, &spec, opts, vb.dtype())?;
         Decoder::from_plan(spec, plan, false, None, vb)
     }
+}
+
+/// [`decoder_plan`] within the memory budget of `opts` for parameters of `dtype`: the stack's
+/// lower bound is checked before the plan is made, its exact size after.
+pub fn checked_decoder_plan(
+    cfg: &DecoderConfig,
+    spec: &StackSpec,
+    opts: &BuildOptions,
+    dtype: candle_core::DType,
+) -> Result<StackPlan> {
+    let role = StackRole::Decoder;
+    let budget = budget::memory_budget(opts);
+    let what = "Decoder parameters";
+    let floor = budget::stack_floor(spec, role);
+    budget::check(floor, dtype, budget, what, budget::sized_by(spec, role))?;
+    let plan = decoder_plan(cfg, spec, opts)?;
+    budget::check_stack(spec, &plan, role, dtype, budget, what)?;
+    Ok(plan)
 }
 
 /// The layer plan of a decoder-only stack built from `cfg` (finalised) and `spec`.
@@ -165,7 +209,8 @@ pub fn decoder_plan(
 }
 
 impl EncoderDecoder {
-    /// Builds an encoder-decoder from a torchscale config (finalised and validated here).
+    /// Builds an encoder-decoder from a torchscale config (finalised and validated here),
+    /// within the memory budget of `opts` ([`budget`]).
     pub fn new(cfg: &EncoderDecoderConfig, opts: &BuildOptions, vb: VarBuilder) -> Result<Self> {
         let _span = tracing::debug_span!(
             "build",
@@ -175,28 +220,73 @@ impl EncoderDecoder {
         )
         .entered();
         let cfg = cfg.clone().finalize()?;
-        let scale = cfg.admin_output_change_scale.clone();
-        // Each side's constants depend on both depths.
-        let mut enc = encoder_spec(&cfg.encoder_config(), opts);
-        enc.kind = cfg.encoder_stack_kind();
-        let mut dec = decoder_spec(&cfg.decoder_config(), opts);
-        dec.kind = cfg.decoder_stack_kind();
-        let enc_plan = stack_plan(
-            cfg.encoder_technique(),
-            &cfg.encoder_layer_techniques,
-            &enc,
-            &scale,
-            cfg.admin_as_parameter,
-            &opts.hooks,
-        )?;
-        let dec_plan = stack_plan(
-            cfg.decoder_technique(),
-            &cfg.decoder_layer_techniques,
-            &dec,
-            &scale,
-            cfg.admin_as_parameter,
-            &opts.hooks,
-        )?;
+        let (enc, dec) = encoder_decoder_specs(&cfg, opts);
+        let (enc_role, dec_role) = encoder_decoder_roles(&cfg);
+        let (budget, dtype) = (budget::memory_budget(opts), vb.dtype());
+        let what = "EncoderDecoder parameters";
+        let sized_by = || {
+            format!(
+                "{}; {}",
+                budget::sized_by(&enc, enc_role),
+                budget::sized_by(&dec, dec_role)
+            )
+        };
+        let floor = budget::stack_floor(&enc, enc_role).plus(budget::stack_floor(&dec, dec_role));
+        budget::check(floor, dtype, budget, what, sized_by())?;
+        let (enc_plan, dec_plan) = encoder_decoder_plans(&cfg, &enc, &dec, opts)?;
+        let size = budget::stack_size(&enc, &enc_plan, enc_role)
+            .plus(budget::stack_size(&dec, &dec_plan, dec_role));
+        budget::check(size, dtype, budget, what, sized_by())?;
         EncoderDecoder::from_plans(enc, enc_plan, dec, dec_plan, cfg.share_all_embeddings, vb)
     }
+}
+
+/// The two stack descriptions of an encoder-decoder (`cfg` finalised): each side's constants
+/// depend on both depths.
+pub(crate) fn encoder_decoder_specs(
+    cfg: &EncoderDecoderConfig,
+    opts: &BuildOptions,
+) -> (StackSpec, StackSpec) {
+    let mut enc = encoder_spec(&cfg.encoder_config(), opts);
+    enc.kind = cfg.encoder_stack_kind();
+    let mut dec = decoder_spec(&cfg.decoder_config(), opts);
+    dec.kind = cfg.decoder_stack_kind();
+    (enc, dec)
+}
+
+/// The roles of an encoder-decoder's stacks.
+pub(crate) fn encoder_decoder_roles(cfg: &EncoderDecoderConfig) -> (StackRole, StackRole) {
+    (
+        StackRole::EncoderOfEncDec,
+        StackRole::DecoderOfEncDec {
+            shared_tokens: cfg.share_all_embeddings,
+        },
+    )
+}
+
+/// The layer plans of an encoder-decoder's stacks (`cfg` finalised).
+pub(crate) fn encoder_decoder_plans(
+    cfg: &EncoderDecoderConfig,
+    enc: &StackSpec,
+    dec: &StackSpec,
+    opts: &BuildOptions,
+) -> Result<(StackPlan, StackPlan)> {
+    let scale = &cfg.admin_output_change_scale;
+    let enc_plan = stack_plan(
+        cfg.encoder_technique(),
+        &cfg.encoder_layer_techniques,
+        enc,
+        scale,
+        cfg.admin_as_parameter,
+        &opts.hooks,
+    )?;
+    let dec_plan = stack_plan(
+        cfg.decoder_technique(),
+        &cfg.decoder_layer_techniques,
+        dec,
+        scale,
+        cfg.admin_as_parameter,
+        &opts.hooks,
+    )?;
+    Ok((enc_plan, dec_plan))
 }

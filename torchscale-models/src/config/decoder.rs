@@ -241,6 +241,21 @@ impl DecoderConfig {
             self.xpos_rel_pos,
         )?;
         validate::positions("max_target_positions", self.max_target_positions)?;
+        validate::sizes(&validate::StackSizes {
+            prefix: "decoder",
+            positions_field: "max_target_positions",
+            embed_dim: self.decoder_embed_dim,
+            heads: self.decoder_attention_heads,
+            ffn_dim: self.decoder_ffn_embed_dim,
+            positions: self.max_target_positions,
+            vocab_size: self.vocab_size,
+            experts: if self.has_moe_layers() {
+                self.moe_expert_count
+            } else {
+                0
+            },
+            rel_pos_buckets: self.rel_pos_buckets,
+        })?;
         per_layer::layer_techniques(
             "layer_techniques",
             &self.layer_techniques,
@@ -264,6 +279,14 @@ impl DecoderConfig {
         // Unlike the encoder, torchscale's decoder allows multiway with MoE: its multiway only
         // duplicates the attention projections, never the FFN.
         validate::shared(&shared)?;
+        validate::xpos(
+            self.xpos_rel_pos,
+            self.decoder_embed_dim,
+            self.decoder_attention_heads,
+            self.xpos_scale_base,
+            "max_target_positions",
+            self.max_target_positions,
+        )?;
         validate::admin(
             &shared,
             &[("decoder_normalize_before", self.decoder_normalize_before)],

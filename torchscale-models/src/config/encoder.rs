@@ -253,6 +253,21 @@ impl EncoderConfig {
             self.xpos_rel_pos,
         )?;
         validate::positions("max_source_positions", self.max_source_positions)?;
+        validate::sizes(&validate::StackSizes {
+            prefix: "encoder",
+            positions_field: "max_source_positions",
+            embed_dim: self.encoder_embed_dim,
+            heads: self.encoder_attention_heads,
+            ffn_dim: self.encoder_ffn_embed_dim,
+            positions: self.max_source_positions,
+            vocab_size: self.vocab_size,
+            experts: if self.has_moe_layers() {
+                self.moe_expert_count
+            } else {
+                0
+            },
+            rel_pos_buckets: self.rel_pos_buckets,
+        })?;
         per_layer::layer_techniques(
             "layer_techniques",
             &self.layer_techniques,
@@ -274,6 +289,14 @@ impl EncoderConfig {
             |i| self.is_moe_layer(i),
         )?;
         validate::shared(&shared)?;
+        validate::xpos(
+            self.xpos_rel_pos,
+            self.encoder_embed_dim,
+            self.encoder_attention_heads,
+            self.xpos_scale_base,
+            "max_source_positions",
+            self.max_source_positions,
+        )?;
         // torchscale's EncoderLayer asserts this for MoE layers.
         if self.multiway && self.has_moe_layers() {
             return Err(Error::config(

@@ -344,6 +344,42 @@ impl EncoderDecoderConfig {
         }
         validate::positions("max_source_positions", self.max_source_positions)?;
         validate::positions("max_target_positions", self.max_target_positions)?;
+        let enc_experts =
+            per_layer::has_moe_layers(self.encoder_moe_layers.as_deref(), self.moe_freq);
+        let dec_experts =
+            per_layer::has_moe_layers(self.decoder_moe_layers.as_deref(), self.moe_freq);
+        for (prefix, positions_field, embed_dim, heads, ffn_dim, positions, moe) in [
+            (
+                "encoder",
+                "max_source_positions",
+                self.encoder_embed_dim,
+                self.encoder_attention_heads,
+                self.encoder_ffn_embed_dim,
+                self.max_source_positions,
+                enc_experts,
+            ),
+            (
+                "decoder",
+                "max_target_positions",
+                self.decoder_embed_dim,
+                self.decoder_attention_heads,
+                self.decoder_ffn_embed_dim,
+                self.max_target_positions,
+                dec_experts,
+            ),
+        ] {
+            validate::sizes(&validate::StackSizes {
+                prefix,
+                positions_field,
+                embed_dim,
+                heads,
+                ffn_dim,
+                positions,
+                vocab_size: self.vocab_size,
+                experts: if moe { self.moe_expert_count } else { 0 },
+                rel_pos_buckets: self.rel_pos_buckets,
+            })?;
+        }
         per_layer::layer_techniques(
             "encoder_layer_techniques",
             &self.encoder_layer_techniques,
@@ -396,6 +432,22 @@ impl EncoderDecoderConfig {
                 "cannot be combined with MoE layers (moe_freq > 0 or encoder_moe_layers)",
             ));
         }
+        validate::xpos(
+            self.xpos_rel_pos,
+            self.encoder_embed_dim,
+            self.encoder_attention_heads,
+            self.xpos_scale_base,
+            "max_source_positions",
+            self.max_source_positions,
+        )?;
+        validate::xpos(
+            self.xpos_rel_pos,
+            self.decoder_embed_dim,
+            self.decoder_attention_heads,
+            self.xpos_scale_base,
+            "max_target_positions",
+            self.max_target_positions,
+        )?;
         validate::admin(
             &shared,
             &[

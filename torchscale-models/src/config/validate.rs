@@ -132,6 +132,89 @@ pub(crate) fn positions(field: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The most elements one tensor may have: 2^60, so that its bytes in any dtype (at most 8 bytes
+/// an element) fit in an `isize`, the most Rust allocates, and no shape arithmetic overflows.
+pub const MAX_TENSOR_ELEMENTS: u128 = 1 << 60;
+
+/// The sizes of one stack's tensors, for [`sizes`]; `prefix` is `encoder` or `decoder`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StackSizes<'a> {
+    pub prefix: &'a str,
+    pub positions_field: &'a str,
+    pub embed_dim: usize,
+    pub heads: usize,
+    pub ffn_dim: usize,
+    pub positions: usize,
+    pub vocab_size: i64,
+    /// Experts of the MoE layers (0: dense).
+    pub experts: usize,
+    pub rel_pos_buckets: usize,
+}
+
+/// Every tensor a stack of these sizes builds must count at most [`MAX_TENSOR_ELEMENTS`]
+/// elements, so that sizes far beyond any machine (`max_target_positions` near 2^60,
+/// `vocab_size` 2^63 - 1, `embed_dim × ffn_dim` past 2^64) are refused here, naming the field,
+/// instead of overflowing in shape arithmetic. Totals (layers, experts) are the memory budget's.
+pub(crate) fn sizes(s: &StackSizes<'_>) -> Result<()> {
+    let p = s.prefix;
+    let c = s.embed_dim as u128;
+    let check = |field: String, rows: u128, what: &str| -> Result<()> {
+        let n = rows.saturating_mul(c);
+        if n > MAX_TENSOR_ELEMENTS {
+            return Err(Error::config(
+                field,
+                format!(
+                    "{what} would hold {rows} × {c} = {n} elements, more than the 2^60 one \
+                     tensor may hold (its bytes would not fit in memory's address range)"
+                ),
+            ));
+        }
+        Ok(())
+    };
+    check(format!("{p}_embed_dim"), c, "each attention projection")?;
+    check(format!("{p}_ffn_embed_dim"), s.ffn_dim as u128, "fc1")?;
+    if s.vocab_size > 0 {
+        check("vocab_size".into(), s.vocab_size as u128, "the token table")?;
+    }
+    // torchscale's position table has 2 rows more than positions.
+    let rows = (s.positions as u128).saturating_add(2);
+    check(s.positions_field.into(), rows, "the position table")?;
+    check("moe_expert_count".into(), s.experts as u128, "the gate")?;
+    let rel = (s.rel_pos_buckets as u128).saturating_mul(s.heads as u128);
+    if rel > MAX_TENSOR_ELEMENTS {
+        return Err(Error::config(
+            "rel_pos_buckets",
+            format!("the relative-position table would hold {rel} elements, more than 2^60"),
+        ));
+    }
+    Ok(())
+}
+
+/// With xPos on, its scales must stay finite in f32 over the stack's `positions` (see
+/// [`Xpos::check_positions`](torchscale_core::attention::xpos::Xpos::check_positions)); an
+/// error names `xpos_scale_base`. Call after [`stack`] (a non-zero head count).
+pub(crate) fn xpos(
+    on: bool,
+    embed_dim: usize,
+    heads: usize,
+    scale_base: usize,
+    positions_field: &str,
+    positions: usize,
+) -> Result<()> {
+    if !on {
+        return Ok(());
+    }
+    let head_dim = embed_dim / heads.max(1);
+    torchscale_core::attention::xpos::Xpos::check_positions(head_dim, scale_base as f64, positions)
+        .map_err(|e| match e {
+            Error::Config { field, reason } => Error::config(
+                field,
+                format!("{reason} ({positions_field} = {positions}, head width {head_dim})"),
+            ),
+            other => other,
+        })
+}
+
 /// `admin` excludes the other schemes; `normalize_before` lists the stacks' flags after
 /// finalisation (with the default `subln = true` the user must switch Sub-LN off).
 pub(crate) fn admin(s: &Shared<'_>, normalize_before: &[(&str, bool)]) -> Result<()> {
@@ -334,6 +417,85 @@ mod tests {
         // head dim 32 / 32 = 1 is odd.
         assert_eq!(field(stack("encoder", 32, 32, 64, 2, true)), "xpos_rel_pos");
         assert!(stack("encoder", 32, 32, 64, 2, false).is_ok());
+    }
+
+    #[test]
+    fn size_rules() {
+        let ok = StackSizes {
+            prefix: "decoder",
+            positions_field: "max_target_positions",
+            embed_dim: 64,
+            heads: 4,
+            ffn_dim: 256,
+            positions: 1024,
+            vocab_size: 50_000,
+            experts: 0,
+            rel_pos_buckets: 0,
+        };
+        assert!(sizes(&ok).is_ok());
+        let cases: [(StackSizes, &str); 6] = [
+            (
+                StackSizes {
+                    positions: 1 << 60,
+                    ..ok
+                },
+                "max_target_positions",
+            ),
+            (
+                StackSizes {
+                    positions: usize::MAX,
+                    ..ok
+                },
+                "max_target_positions",
+            ),
+            (
+                StackSizes {
+                    vocab_size: i64::MAX,
+                    ..ok
+                },
+                "vocab_size",
+            ),
+            (
+                StackSizes {
+                    embed_dim: 1 << 32,
+                    heads: 1,
+                    ..ok
+                },
+                "decoder_embed_dim",
+            ),
+            (
+                StackSizes {
+                    embed_dim: 1 << 20,
+                    ffn_dim: usize::MAX,
+                    ..ok
+                },
+                "decoder_ffn_embed_dim",
+            ),
+            (
+                StackSizes {
+                    experts: usize::MAX,
+                    ..ok
+                },
+                "moe_expert_count",
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(field(sizes(&s)), want);
+        }
+    }
+
+    #[test]
+    fn xpos_rules() {
+        assert!(xpos(false, 64, 4, 1, "max_target_positions", 1 << 20).is_ok());
+        assert!(xpos(true, 64, 4, 512, "max_target_positions", 1024).is_ok());
+        assert_eq!(
+            field(xpos(true, 64, 4, 1, "max_target_positions", 1024)),
+            "xpos_scale_base"
+        );
+        assert_eq!(
+            field(xpos(true, 64, 4, 0, "max_target_positions", 1024)),
+            "xpos_scale_base"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the model asks for must be there with its shape, and every tensor left over must be a buffer
 //! or a tied copy; otherwise a typed error names the key.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,6 +108,13 @@ impl Weights {
     /// The keys, without the prefix.
     pub fn keys(&self) -> &BTreeSet<String> {
         &self.keys
+    }
+
+    /// The shape of `key` (without the prefix) from the files' headers, without reading its
+    /// data.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let view = self.st.get(&format!("{}{key}", self.prefix)).ok()?;
+        Some(view.shape().to_vec())
     }
 
     /// Whether `key` (without the prefix) is in the files.
@@ -335,8 +342,19 @@ impl SimpleBackend for StrictBackend {
     }
 }
 
-/// Reads the `__metadata__` of a safetensors file from its header alone.
-pub fn header_metadata(path: &Path) -> Result<HashMap<String, String>> {
+/// What the header of a safetensors file says: its metadata and every tensor's shape.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    /// The `__metadata__` map.
+    pub metadata: HashMap<String, String>,
+    /// Every tensor's shape, by key.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+/// Reads the header of a safetensors file (its first `8 + n` bytes, `n` at most safetensors'
+/// 100 MB cap), not the tensors. safetensors' own `read_metadata` wants the whole file in
+/// memory (it checks the data length), so the header's JSON is parsed here into its `Metadata`.
+pub fn read_header(path: &Path) -> Result<Header> {
     use std::io::Read;
     let err = |reason: String| Error::File {
         path: path.display().to_string(),
@@ -354,17 +372,21 @@ pub fn header_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)
         .map_err(|e| err(format!("truncated safetensors header: {e}")))?;
-    let value: serde_json::Value = serde_json::from_slice(&header)
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| err(format!("not a safetensors header: {e}")))?;
-    Ok(value
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(Header {
+        metadata: meta.metadata().clone().unwrap_or_default(),
+        shapes: meta
+            .tensors()
+            .into_iter()
+            .map(|(k, info)| (k, info.shape.clone()))
+            .collect(),
+    })
+}
+
+/// Reads the `__metadata__` of a safetensors file from its header alone.
+pub fn header_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    Ok(read_header(path)?.metadata)
 }
 
 #[cfg(test)]
