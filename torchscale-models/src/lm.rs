@@ -38,7 +38,7 @@ use torchscale_core::init::{seeded_rng, ParamStore, SeededRng};
 use torchscale_core::{Collective, Error, Result};
 
 use crate::build::shapes::check_shapes;
-use crate::build::{available_memory, checked_decoder_plan, decoder_spec, BuildOptions};
+use crate::build::{checked_decoder_plan, decoder_spec, BuildOptions, RecentAvailableMemory};
 use crate::checkpoint::{load_into, read_safetensors, serialize, state_tensors};
 use crate::checkpoint_dir;
 use crate::config::DecoderConfig;
@@ -68,6 +68,8 @@ pub struct LanguageModel {
     learned_positions: bool,
     /// The build's [`BuildOptions::memory_budget`], which also bounds a micro-batch's activations.
     memory_budget: Option<u64>,
+    /// Without one, the memory available, read at most once a second.
+    available: RecentAvailableMemory,
 }
 
 impl std::fmt::Debug for LanguageModel {
@@ -162,6 +164,7 @@ impl LanguageModel {
             model,
             learned_positions,
             memory_budget: opts.memory_budget,
+            available: RecentAvailableMemory::default(),
         })
     }
 
@@ -206,7 +209,7 @@ impl LanguageModel {
         }
         moe.expert_comm = Some(comm);
         // Sized with this rank's share of the experts.
-        let plan = checked_decoder_plan(&fin, &spec, &opts, dtype)?;
+        let plan = checked_decoder_plan(&fin, &spec, &opts, dtype, device)?;
         let store = ParamStore::new(seed);
         let model = Decoder::from_plan(spec, plan, false, None, store.var_builder(dtype, device))?;
         Ok(Self {
@@ -215,6 +218,7 @@ impl LanguageModel {
             model,
             learned_positions,
             memory_budget: None,
+            available: RecentAvailableMemory::default(),
         })
     }
 
@@ -330,11 +334,17 @@ impl LanguageModel {
     }
 
     /// Refuses a micro-batch whose [`activation_bytes`](Self::activation_bytes) exceed the
-    /// memory budget (the build's, else the memory available now), with an
-    /// [`Error::MemoryBudget`] naming `batch` and `seq_len`.
+    /// memory budget, with an [`Error::MemoryBudget`] naming `batch` and `seq_len`. The budget
+    /// is the build's [`BuildOptions::memory_budget`], else, for a model on the CPU, the memory
+    /// available (as read within the last second); an accelerator's memory is not known, so
+    /// without a `memory_budget` a model there is not checked.
     pub fn check_activations(&self, batch: usize, seq_len: usize) -> Result<()> {
+        let budget = match self.memory_budget {
+            Some(b) => b,
+            None if self.model.embed_tokens().weight().device().is_cpu() => self.available.get(),
+            None => return Ok(()),
+        };
         let needed = self.activation_bytes(batch, seq_len);
-        let budget = self.memory_budget.unwrap_or_else(available_memory);
         if needed <= budget as u128 {
             return Ok(());
         }

@@ -489,3 +489,41 @@ fn a_batch_over_the_budget_is_refused_naming_batch_and_seq_len() {
     );
     assert!(e.to_string().contains("micro-batch"), "{e}");
 }
+
+#[test]
+fn on_an_accelerator_the_device_and_the_host_are_checked_apart() {
+    use torchscale_models::build::budget::{check, stack_floor};
+    use torchscale_models::build::{decoder_spec, Budget, StackRole};
+    let opts = BuildOptions::default();
+    let floor = |cfg: DecoderConfig| {
+        let spec = decoder_spec(&cfg.finalize().unwrap(), &opts);
+        (stack_floor(&spec, StackRole::Decoder), spec)
+    };
+    let accel = |device: Option<u64>| Budget {
+        cpu: false,
+        device,
+        host: 16 << 30,
+    };
+    let (size, spec) = floor(tiny_decoder());
+    let by = || torchscale_models::build::budget::sized_by(&spec, StackRole::Decoder);
+    // Device memory unknown: only the host's share is checked.
+    check(size, DType::F32, accel(None), "tiny", by()).unwrap();
+    let e = check(size, DType::F32, accel(Some(100)), "tiny", by()).unwrap_err();
+    assert!(e.to_string().contains("on the device"), "{e}");
+    // 10^9 layers of objects, or a 2^28-row table drawn on the host, do not fit the host.
+    for (cfg, field) in [
+        (tiny_decoder().with_layers(1_000_000_000), "decoder_layers"),
+        (
+            DecoderConfig::default()
+                .with_vocab_size(64)
+                .with_max_positions(1 << 28),
+            "max_target_positions",
+        ),
+    ] {
+        let (size, spec) = floor(cfg);
+        let by = torchscale_models::build::budget::sized_by(&spec, StackRole::Decoder);
+        let e = check(size, DType::BF16, accel(None), "deep", by).unwrap_err();
+        assert!(over_budget_naming(field)(&e), "{e}");
+        assert!(e.to_string().contains("on the host"), "{e}");
+    }
+}

@@ -2,8 +2,8 @@
 //!
 //! Every constructor counts the parameters its config asks for with overflow-safe arithmetic
 //! before allocating anything, and refuses with [`Error::MemoryBudget`] (naming the fields and
-//! the bytes) when they exceed the budget: [`BuildOptions::memory_budget`], else the memory the
-//! system says is available ([`available_memory`]). The count is exact for the config's layout:
+//! the bytes) when they exceed the budget ([`Budget`]): [`BuildOptions::memory_budget`], else
+//! the memory the system says is available ([`available_memory`]). The count is exact for the config's layout:
 //! token and position tables (`max_positions + 2` rows, as torchscale), every layer's attention,
 //! feed-forward or experts and gate, residual norms, Sub-LN inner norms, Admin's learnable ω,
 //! multiway copies, relative-position tables and an untied output projection. Parameters that a
@@ -14,7 +14,7 @@
 //! the plan says which stabiliser each layer has. The low-level constructors that take a built
 //! plan (`Decoder::from_plan`, ...) do not check: call [`check_stack`] first.
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use torchscale_core::{Error, NormSpec, Result, Site, Stabilizer};
 
 use super::available_memory::available_memory;
@@ -23,8 +23,9 @@ use crate::config::{DecoderConfig, EncoderConfig, EncoderDecoderConfig};
 use crate::spec::StackSpec;
 
 /// Host bytes each layer takes besides its parameters (its structs, parameter names and tensor
-/// headers; a few KiB measured, rounded up), so that a deep stack of tiny layers is sized too.
-pub const LAYER_OVERHEAD_BYTES: u64 = 8 << 10;
+/// headers: 8 to 10 KiB measured for a Pre-LN or Sub-LN decoder layer of width 2, rounded up),
+/// so that a deep stack of tiny layers is sized too.
+pub const LAYER_OVERHEAD_BYTES: u64 = 12 << 10;
 
 /// Where a stack sits, which decides the parts it builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,9 @@ pub struct ModelSize {
     pub params: u128,
     /// Layers of all stacks.
     pub layers: u128,
+    /// Elements of the largest parameter, which the host draws (in f32) before it goes to the
+    /// model's device.
+    pub largest: u128,
 }
 
 impl ModelSize {
@@ -80,19 +84,59 @@ impl ModelSize {
             .saturating_add(self.layers.saturating_mul(LAYER_OVERHEAD_BYTES as u128))
     }
 
+    /// Host bytes a build on an accelerator takes: the layers' objects and the f32 draw of the
+    /// largest parameter.
+    pub fn host_bytes(&self) -> u128 {
+        self.layers
+            .saturating_mul(LAYER_OVERHEAD_BYTES as u128)
+            .saturating_add(self.largest.saturating_mul(4))
+    }
+
     /// The size of two parts together.
     pub fn plus(self, other: ModelSize) -> ModelSize {
         ModelSize {
             params: self.params.saturating_add(other.params),
             layers: self.layers.saturating_add(other.layers),
+            largest: self.largest.max(other.largest),
         }
     }
 }
 
-/// The budget of a build with `opts`: [`BuildOptions::memory_budget`], else
-/// [`available_memory`] now.
-pub fn memory_budget(opts: &BuildOptions) -> u64 {
-    opts.memory_budget.unwrap_or_else(available_memory)
+/// The memory a build must fit in.
+///
+/// On the CPU the model and its objects share one pool: [`BuildOptions::memory_budget`], else
+/// [`available_memory`]. On an accelerator the parameters live in the device's memory, which
+/// the system figures do not describe: they are checked against `memory_budget` when it is set
+/// (say, the device's size), not otherwise; the host still holds the layers' objects and draws
+/// each parameter before copying it, and that is checked against [`available_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The parameters live in host memory (a CPU model): one pool, `device == Some(host)`.
+    pub cpu: bool,
+    /// Bytes the parameters may take where they live; None: unknown, not checked.
+    pub device: Option<u64>,
+    /// Bytes the host may still give.
+    pub host: u64,
+}
+
+impl Budget {
+    /// The budget of a build with `opts` on `device` (reads the system's figure once).
+    pub fn resolve(opts: &BuildOptions, device: &Device) -> Self {
+        if device.is_cpu() {
+            let b = opts.memory_budget.unwrap_or_else(available_memory);
+            Self {
+                cpu: true,
+                device: Some(b),
+                host: b,
+            }
+        } else {
+            Self {
+                cpu: false,
+                device: opts.memory_budget,
+                host: available_memory(),
+            }
+        }
+    }
 }
 
 /// The size of the decoder `cfg` (finalised here) builds with `opts`, as [`Decoder::new`]
@@ -143,6 +187,7 @@ pub fn stack_size(spec: &StackSpec, plan: &StackPlan, role: StackRole) -> ModelS
     ModelSize {
         params,
         layers: plan.layers.len() as u128,
+        largest: largest_tensor(spec),
     }
 }
 
@@ -165,33 +210,56 @@ pub fn stack_floor(spec: &StackSpec, role: StackRole) -> ModelSize {
     ModelSize {
         params: fixed_params(spec, role).saturating_add(layer.saturating_mul(layers)),
         layers,
+        largest: largest_tensor(spec),
     }
 }
 
-/// Refuses `size` in `dtype` above `budget` bytes with [`Error::MemoryBudget`]: `what` is
-/// refused, `sized_by` names the fields that size it.
+/// Refuses `size` in `dtype` over `budget` with [`Error::MemoryBudget`]: `what` is refused,
+/// `sized_by` names the fields that size it. On the CPU the parameters and the layers' objects
+/// count together; on an accelerator the parameters against `budget.device` (when known) and
+/// the host's share ([`ModelSize::host_bytes`]) against `budget.host`.
 pub fn check(
     size: ModelSize,
     dtype: DType,
-    budget: u64,
+    budget: Budget,
     what: &str,
     sized_by: String,
 ) -> Result<()> {
-    let needed = size.bytes(dtype);
-    if needed <= budget as u128 {
-        return Ok(());
-    }
-    Err(Error::MemoryBudget {
+    let params = format!(
+        "{} parameters × {} bytes ({dtype:?})",
+        size.params,
+        dtype.size_in_bytes()
+    );
+    let layers = format!("{} layers × {LAYER_OVERHEAD_BYTES} bytes", size.layers);
+    let refuse = |needed: u128, budget: u64, of: String| Error::MemoryBudget {
         what: what.to_string(),
-        sized_by: format!(
-            "{sized_by}: {} parameters × {} bytes ({dtype:?}) + {} layers × {LAYER_OVERHEAD_BYTES} bytes",
-            size.params,
-            dtype.size_in_bytes(),
-            size.layers
-        ),
+        sized_by: format!("{sized_by}: {of}"),
         needed,
         budget,
-    })
+    };
+    if budget.cpu {
+        let needed = size.bytes(dtype);
+        let allowed = budget.device.unwrap_or(budget.host);
+        if needed > allowed as u128 {
+            return Err(refuse(needed, allowed, format!("{params} + {layers}")));
+        }
+        return Ok(());
+    }
+    if let Some(allowed) = budget.device {
+        let needed = size.param_bytes(dtype);
+        if needed > allowed as u128 {
+            return Err(refuse(needed, allowed, format!("{params} on the device")));
+        }
+    }
+    let needed = size.host_bytes();
+    if needed > budget.host as u128 {
+        let of = format!(
+            "{layers} + the largest parameter, {} f32 values, on the host",
+            size.largest
+        );
+        return Err(refuse(needed, budget.host, of));
+    }
+    Ok(())
 }
 
 /// [`check`] of one stack's exact size, the fields named from `spec` and `role`.
@@ -200,7 +268,7 @@ pub fn check_stack(
     plan: &StackPlan,
     role: StackRole,
     dtype: DType,
-    budget: u64,
+    budget: Budget,
     what: &str,
 ) -> Result<()> {
     check(
@@ -360,6 +428,27 @@ fn layer_params(spec: &StackSpec, st: &dyn Stabilizer, role: StackRole, moe: boo
         }
     };
     p.saturating_add(ffn)
+}
+
+/// Elements of the largest parameter of the stack `spec`.
+fn largest_tensor(spec: &StackSpec) -> u128 {
+    let c = spec.embed_dim as u128;
+    let rows = |r: usize| (r as u128).saturating_mul(c);
+    let mut largest = rows(spec.embed_dim)
+        .max(rows(spec.ffn_dim))
+        .max(rows(spec.vocab_size.max(0) as usize));
+    if spec.learned_positions {
+        largest = largest.max(rows(spec.max_positions).saturating_add(2 * c));
+    }
+    if let Some(m) = &spec.moe {
+        let l = &m.layer;
+        let (e, r) = (l.num_experts as u128, l.xmoe_routing_dim as u128);
+        largest = largest
+            .max(e.saturating_mul(c.max(r)))
+            .max(r.saturating_mul(c))
+            .max((l.ffn_dim as u128).saturating_mul(l.embed_dim as u128));
+    }
+    largest.max((spec.rel_pos_buckets as u128).saturating_mul(spec.heads as u128))
 }
 
 /// Which layers are MoE layers, answered without scanning a `moe_layers` list per layer.

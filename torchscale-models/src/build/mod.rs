@@ -8,8 +8,9 @@ mod moe;
 mod plan;
 pub mod shapes;
 
+pub(crate) use available_memory::RecentAvailableMemory;
 pub use available_memory::{available_memory, FALLBACK_BUDGET};
-pub use budget::{ModelSize, StackRole};
+pub use budget::{Budget, ModelSize, StackRole};
 pub use hooks::{RouterHook, SiteHook, StabilizerHook, StackHooks};
 pub use plan::{stack_plan, StackPlan};
 
@@ -135,7 +136,7 @@ impl Encoder {
         let cfg = cfg.clone().finalize()?;
         let spec = encoder_spec(&cfg, opts);
         let role = StackRole::Encoder;
-        let (budget, dtype) = (budget::memory_budget(opts), vb.dtype());
+        let (budget, dtype) = (Budget::resolve(opts, vb.device()), vb.dtype());
         let what = "Encoder parameters";
         let floor = budget::stack_floor(&spec, role);
         budget::check(floor, dtype, budget, what, budget::sized_by(&spec, role))?;
@@ -169,21 +170,22 @@ impl Decoder {
             tracing::debug_span!("build", model = "Decoder", layers = cfg.decoder_layers).entered();
         let cfg = cfg.clone().finalize()?;
         let spec = decoder_spec(&cfg, opts);
-        let plan = checked_decoder_plan(&cfg, &spec, opts, vb.dtype())?;
+        let plan = checked_decoder_plan(&cfg, &spec, opts, vb.dtype(), vb.device())?;
         Decoder::from_plan(spec, plan, false, None, vb)
     }
 }
 
-/// [`decoder_plan`] within the memory budget of `opts` for parameters of `dtype`: the stack's
+/// [`decoder_plan`] within the memory budget of `opts` for parameters of `dtype` on `device`: the stack's
 /// lower bound is checked before the plan is made, its exact size after.
 pub fn checked_decoder_plan(
     cfg: &DecoderConfig,
     spec: &StackSpec,
     opts: &BuildOptions,
     dtype: candle_core::DType,
+    device: &candle_core::Device,
 ) -> Result<StackPlan> {
     let role = StackRole::Decoder;
-    let budget = budget::memory_budget(opts);
+    let budget = Budget::resolve(opts, device);
     let what = "Decoder parameters";
     let floor = budget::stack_floor(spec, role);
     budget::check(floor, dtype, budget, what, budget::sized_by(spec, role))?;
@@ -222,7 +224,7 @@ impl EncoderDecoder {
         let cfg = cfg.clone().finalize()?;
         let (enc, dec) = encoder_decoder_specs(&cfg, opts);
         let (enc_role, dec_role) = encoder_decoder_roles(&cfg);
-        let (budget, dtype) = (budget::memory_budget(opts), vb.dtype());
+        let (budget, dtype) = (Budget::resolve(opts, vb.device()), vb.dtype());
         let what = "EncoderDecoder parameters";
         let sized_by = || {
             format!(

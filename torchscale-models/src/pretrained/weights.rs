@@ -218,7 +218,7 @@ impl Weights {
         Ok(())
     }
 
-    /// A `VarBuilder` that builds a model straight from these weights (see [`StrictBackend`]).
+    /// A `VarBuilder` that builds a model straight from these weights (see `StrictBackend` below).
     pub fn var_builder(
         self: &Arc<Self>,
         dtype: DType,
