@@ -165,8 +165,14 @@ pub const POSITION_OFFSET: usize = 2;
 impl PositionEmbedding {
     /// A table for `max_positions` positions (`max_positions + 2` rows), N(0, 1) init.
     pub fn new(max_positions: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let rows = max_positions.checked_add(POSITION_OFFSET).ok_or_else(|| {
+            Error::config(
+                "max_positions",
+                format!("{max_positions} positions overflow the table's row count"),
+            )
+        })?;
         let weight = vb.get_with_hints(
-            (max_positions + POSITION_OFFSET, dim),
+            (rows, dim),
             "weight",
             Init::Randn {
                 mean: 0.0,
@@ -197,5 +203,27 @@ impl PositionEmbedding {
             .weight
             .narrow(0, start + POSITION_OFFSET, len)?
             .unsqueeze(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::ParamStore;
+    use candle_core::Device;
+
+    #[test]
+    fn a_table_too_large_to_count_is_an_error() {
+        let store = ParamStore::new(0);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let e = PositionEmbedding::new(usize::MAX, 4, vb.pp("p")).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { field, .. } if field == "max_positions"),
+            "{e}"
+        );
+        // Rows that count, elements that do not: the store refuses them.
+        assert!(PositionEmbedding::new(usize::MAX / 2, 4, vb.pp("q")).is_err());
+        assert!(TokenEmbedding::new(usize::MAX / 2, 4, Some(1), vb.pp("t")).is_err());
+        assert!(store.named_vars().is_empty());
     }
 }
