@@ -1,7 +1,7 @@
 //! Activation checkpointing gives the plain run's loss and gradients: every parameter, dense and
-//! MoE (X-MoE top-2 whose `random` second-expert policy draws), dropout on, Pre-LN, Sub-LN and
-//! DeepNorm, segments of 1 layer and of 3 over a depth that 3 does not divide; through the
-//! trainer; and on a decoder with an encoder output (the memory's gradient).
+//! MoE (X-MoE top-2 whose `random` second-expert policy draws), dropout on, Pre-LN, Sub-LN,
+//! DeepNorm and Post-LN, segments of 1 layer and of 3 over a depth that 3 does not divide;
+//! through the trainer; and on a decoder with an encoder output (the memory's gradient).
 
 mod common;
 
@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{tokens, weighted_sum};
 use torchscale_core::Error;
 use torchscale_models::build::BuildOptions;
-use torchscale_models::config::{DecoderConfig, EncoderDecoderConfig};
+use torchscale_models::config::{DecoderConfig, EncoderDecoderConfig, Technique};
 use torchscale_models::decoder::{DecoderInputs, Memory};
 use torchscale_models::encoder::EncoderInputs;
 use torchscale_models::encoder_decoder::EncoderDecoder;
@@ -102,6 +102,16 @@ fn both(lm: &LanguageModel, k: usize, seed: u64) -> (GradStore, GradStore) {
     assert!((a - b).abs() <= 1e-6 * a.abs(), "nll {a} vs {b}");
     assert_eq!(plain.ntokens, ck.ntokens);
     let ck_grads = std::sync::Arc::try_unwrap(ck.grads.expect("precomputed gradients")).unwrap();
+    // Detached: a gradient still in the graph would keep its segment's activations alive.
+    for (name, v) in lm.store.named_vars() {
+        if let Some(g) = ck_grads.get(&v) {
+            assert!(!g.track_op(), "{name}'s gradient holds a graph");
+        }
+    }
+    assert!(!ck.loss_sum.track_op());
+    // Only parameters: candle's store also holds the gradients of untracked operands (dropout
+    // masks), activation-sized, which must not be carried along.
+    assert_eq!(ck_grads.get_ids().count(), lm.store.named_vars().len());
     // Every parameter is trained: a checkpointed run that lost one would pass the comparison.
     assert_eq!(
         lm.store
@@ -154,9 +164,10 @@ fn moe_router_draws_alone_are_repeated() {
 }
 
 #[test]
-fn sub_ln_and_deepnorm() {
+fn sub_ln_deepnorm_and_post_ln() {
     check("Sub-LN", base(4).with_subln(true), &[1, 3]);
     check("DeepNorm", base(4).with_deepnorm(true), &[1, 3]);
+    check("Post-LN", base(4).with_technique(Technique::PostLn), &[3]);
 }
 
 #[test]
@@ -300,6 +311,7 @@ fn decoder_with_encoder_output() {
         .unwrap();
     let mut grads = ck.grads;
     let mg = ck.memory_grad.expect("the memory's gradient");
+    assert!(!mg.track_op());
     grads
         .extend((enc * mg).unwrap().sum_all().unwrap().backward().unwrap())
         .unwrap();
@@ -316,4 +328,3 @@ fn decoder_with_encoder_output() {
     );
     assert!(diff <= TOL * scale);
 }
-

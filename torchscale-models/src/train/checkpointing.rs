@@ -21,11 +21,12 @@
 //!
 //! [`Sublayer::reseed`]: torchscale_core::Sublayer::reseed
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 use torchscale_core::dropout::{dropout_state, restore_dropout, DropoutState};
 use torchscale_core::{AuxOutput, Error, Result};
 
@@ -144,12 +145,13 @@ impl Decoder {
             let l = a.balance_loss.to_dtype(total.dtype())?.sum_all()?;
             total = total.broadcast_add(&(l * aux_weight)?)?;
         }
+        let vars = variables(&loss);
         let mut grads = loss.backward()?;
         drop(loss);
         let mut g = take_grad(&mut grads, top.as_tensor())?;
         drop(top);
         let mut acc = GradStore::default();
-        acc.extend(grads)?;
+        absorb(&mut acc, grads, &vars)?;
 
         // Segments, top first: recompute from the saved input and pass the gradient down.
         let mut memory_grad: Option<Tensor> = None;
@@ -177,23 +179,26 @@ impl Decoder {
                 }
             }
             drop(aux);
+            let vars = variables(&surrogate);
             let mut grads = surrogate.backward()?;
             drop(surrogate);
             g = take_grad(&mut grads, leaf.as_tensor())?;
             if let Some(m) = &memory_leaf {
                 if let Some(mg) = grads.remove(m.as_tensor()) {
+                    let mg = mg.detach();
                     memory_grad = Some(match memory_grad {
                         Some(sum) => (sum + mg)?,
                         None => mg,
                     });
                 }
             }
-            acc.extend(grads)?;
+            absorb(&mut acc, grads, &vars)?;
         }
 
         // Embedding: x_0 kept its (small) graph.
         let surrogate = (x0 * &g)?.sum_all()?.to_dtype(DType::F32)?;
-        acc.extend(surrogate.backward()?)?;
+        let vars = variables(&surrogate);
+        absorb(&mut acc, surrogate.backward()?, &vars)?;
         // Later draws of this thread continue where the plain forward would have left them.
         if let Some(s) = &after_forward {
             restore_dropout(s);
@@ -267,12 +272,40 @@ impl LanguageModel {
     }
 }
 
-/// Removes and returns `leaf`'s gradient from `grads`; zeros when nothing depended on it.
+/// Removes and returns `leaf`'s gradient from `grads` (detached); zeros when nothing depended
+/// on it.
 fn take_grad(grads: &mut GradStore, leaf: &Tensor) -> Result<Tensor> {
     match grads.remove(leaf) {
-        Some(g) => Ok(g),
+        Some(g) => Ok(g.detach()),
         None => Ok(leaf.zeros_like()?),
     }
+}
+
+/// The variables `loss` depends on (the parameters, and any leaf made here).
+fn variables(loss: &Tensor) -> HashSet<TensorId> {
+    loss.sorted_nodes()
+        .into_iter()
+        .filter(|t| t.is_variable())
+        .map(|t| t.id())
+        .collect()
+}
+
+/// Adds the gradients of `vars` from one backward pass into `acc`, detached. candle's store
+/// also holds a gradient for every untracked operand of the graph (each dropout mask, the
+/// attention mask), and a variable's gradient stays in the graph of the forward tensors it was
+/// computed from (a weight's is `x^T . grad`): keeping either would keep the segment's
+/// activations alive.
+fn absorb(acc: &mut GradStore, grads: GradStore, vars: &HashSet<TensorId>) -> Result<()> {
+    for &id in vars {
+        let Some(g) = grads.get_id(id) else { continue };
+        let g = g.detach();
+        let sum = match acc.get_id(id) {
+            Some(a) => (a + g)?,
+            None => g,
+        };
+        acc.insert_id(id, sum);
+    }
+    Ok(())
 }
 
 /// `a` cut from the graph: the routed rows are dropped and every other tensor detached, so that
