@@ -3,10 +3,11 @@
 //! Every constructor counts the parameters its config asks for with overflow-safe arithmetic
 //! before allocating anything, and refuses with [`Error::MemoryBudget`] (naming the fields and
 //! the bytes) when they exceed the budget ([`Budget`]): [`BuildOptions::memory_budget`], else
-//! the memory the system says is available ([`available_memory`]). The count is exact for the config's layout:
-//! token and position tables (`max_positions + 2` rows, as torchscale), every layer's attention,
-//! feed-forward or experts and gate, residual norms, Sub-LN inner norms, Admin's learnable ω,
-//! multiway copies, relative-position tables and an untied output projection. Parameters that a
+//! the memory the system says is available ([`available_memory`]). The count is exact for the
+//! config's layout: token and position tables (`max_positions + 2` rows, as torchscale), every
+//! layer's attention, feed-forward or experts and gate, residual norms, Sub-LN inner norms,
+//! Admin's learnable ω, multiway copies, relative-position tables and an untied output
+//! projection; bytes are the count times the dtype's size. Parameters that a
 //! [site or router hook](super::StackHooks) adds in code are not foreseen.
 //!
 //! The check runs twice: a lower bound from the stack description alone (so a stack of 10^9
