@@ -6,11 +6,15 @@ pub mod bench;
 pub mod cli;
 pub mod clip_case;
 pub mod cuda;
+pub mod deepnet;
+pub mod experiment;
 pub mod export_check;
 pub mod golden;
 pub mod grad_case;
 pub mod parity;
 pub mod paths;
+pub mod scaling;
+pub mod sparseclip;
 pub mod stability;
 
 // README.md's Rust snippets, compiled and run as doctests (`cargo test -p xtask --doc`) so that

@@ -6,11 +6,16 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use xtask::bench::{BenchCmd, MoeArgs, TrainArgs};
 use xtask::cuda::CudaCmd;
+use xtask::deepnet::DeepnetArgs;
 use xtask::export_check::{ExportCheckArgs, Options, RefSetupArgs};
 use xtask::parity::ParityArgs;
+use xtask::scaling::ScalingArgs;
+use xtask::sparseclip::SparseclipArgs;
 use xtask::stability::StabilityArgs;
 
 #[global_allocator]
@@ -38,6 +43,9 @@ enum Cmd {
     ExportCheck(ExportCheckArgs),
     RefSetup(RefSetupArgs),
     Stability(StabilityArgs),
+    Deepnet(DeepnetArgs),
+    Scaling(ScalingArgs),
+    Sparseclip(SparseclipArgs),
     /// Benchmarks: `moe` (dispatch paths), `train` (whole training steps), `routing` (routers)
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -78,7 +86,19 @@ fn run(command: Cmd) -> Result<ExitCode> {
         Cmd::RefSetup(args) => xtask::export_check::setup::main(&args)?,
         Cmd::Stability(args) => {
             let opts = usage(&["stability"], StabilityArgs::into_opts(args));
-            xtask::stability::main(&opts)?
+            xtask::stability::main(&opts)?;
+        }
+        Cmd::Deepnet(args) => {
+            let opts = usage(&["deepnet"], DeepnetArgs::into_opts(args));
+            xtask::deepnet::main(&opts)?;
+        }
+        Cmd::Scaling(args) => {
+            let opts = usage(&["scaling"], ScalingArgs::into_opts(args));
+            xtask::scaling::main(&opts)?;
+        }
+        Cmd::Sparseclip(args) => {
+            let opts = usage(&["sparseclip"], SparseclipArgs::into_opts(args));
+            xtask::sparseclip::main(&opts)?;
         }
         Cmd::Bench(BenchCmd::Moe(args)) => {
             let opts = usage(&["bench", "moe"], MoeArgs::into_opts(args));
@@ -97,15 +117,19 @@ fn run(command: Cmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Logs on stderr (stdout carries the results), filtered by RUST_LOG, colored on a terminal only.
+/// Logs on stderr (stdout carries the results), filtered by RUST_LOG, colored on a terminal only;
+/// beside it, the experiments' timing of the trainer's spans (`xtask::experiment::timing`).
 fn init_logging() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,xtask=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        .with_filter(filter);
+    tracing_subscriber::registry()
+        .with(log)
+        .with(xtask::experiment::timing::layer())
         .init();
 }
 

@@ -29,146 +29,204 @@
 //!
 //! The validation loss (held-out last 2% of the lines) is measured every `valid_every` steps and
 //! at the end; it is reported but does not enter the verdict.
+//!
+//! `cargo xtask deepnet` ([`crate::deepnet`]) is this experiment at 1,000 layers: the same code
+//! with other defaults, and `deepnet.json` / `deepnet.png` for names.
 
 mod plot;
 mod record;
 mod verdict;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::Device;
-use clap::Parser;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use torchscale_core::Error as CoreError;
+use anyhow::{bail, ensure, Result};
 use torchscale_models::config::{DecoderConfig, Technique};
-use torchscale_models::data::{ByteCorpus, BYTE_VOCAB};
+use torchscale_models::data::BYTE_VOCAB;
 use torchscale_models::lm::{LanguageModel, LossConfig};
 use torchscale_models::train::{
     AdamWConfig, ClipMode, InverseSqrt, Schedule, Trainer, TrainerConfig,
 };
 
-use crate::cli::{count, non_negative};
-use crate::paths::shown;
+use crate::experiment::{self, mib, Data, LoopPlan, Progress, MAX_SKIPS};
+use crate::paths::{shown, workspace_root};
 
 pub use plot::draw;
+pub(crate) use record::nan_as_null;
 pub use record::{Experiment, ExperimentConfig, RunRecord, StepRecord, ValidRecord};
 pub use verdict::{classify, unigram_entropy, window, CurveSummary, Thresholds, Verdict};
 
-/// The command line of `cargo xtask stability`. `--quick` swaps in the smoke-test sizes; any
-/// other flag given overrides them, in whatever order.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "stability",
-    about = "DeepNet's convergence experiment: the same deep, narrow byte-level decoder trained \
-             with Post-LN, Pre-LN, DeepNorm, Sub-LN and Admin"
-)]
-pub struct StabilityArgs {
-    /// Smoke-test sizes: 2 layers, width 32, FFN 64, 2 heads, 3 steps of 2x16 bytes
-    #[arg(long)]
-    pub quick: bool,
-    /// Decoder layers [default: 48]
-    #[arg(long, value_name = "N", value_parser = count)]
-    pub layers: Option<usize>,
-    /// Model width [default: 64]
-    #[arg(long, value_name = "D", value_parser = count)]
-    pub dim: Option<usize>,
-    /// Attention heads; must divide --dim [default: 4]
-    #[arg(long, value_name = "H", value_parser = count)]
-    pub heads: Option<usize>,
-    /// FFN width [default: 256]
-    #[arg(long, value_name = "F", value_parser = count)]
-    pub ffn: Option<usize>,
-    /// Training steps per technique [default: 500]
-    #[arg(long, value_name = "S", value_parser = count)]
-    pub steps: Option<usize>,
-    /// Peak learning rate [default: 3e-3]
-    #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
-    pub lr: Option<f64>,
-    /// Warm-up updates of the inverse square root schedule [default: 20]
-    #[arg(long, value_name = "W")]
-    pub warmup: Option<u64>,
-    /// Sequences per step [default: 8]
-    #[arg(long, value_name = "B", value_parser = count)]
-    pub batch: Option<usize>,
-    /// Bytes per sequence [default: 32]
-    #[arg(long, value_name = "T", value_parser = count)]
-    pub seq: Option<usize>,
-    /// Global-norm clipping threshold, 0 = off [default: 0]
-    #[arg(long, value_name = "C", value_parser = non_negative, allow_negative_numbers = true)]
-    pub clip: Option<f64>,
-    /// Techniques to run, in order: post-ln, pre-ln, deepnorm, subln, admin [default: all five]
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = technique_arg)]
-    pub techniques: Option<Vec<Technique>>,
-    /// Seed of the initialisation and of the data order [default: 1]
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
-    /// Measure the validation loss every K steps (and at the end) [default: 100]
-    #[arg(long, value_name = "K", value_parser = count)]
-    pub valid_every: Option<usize>,
-    /// The training text [default: data/kjv.txt]
-    #[arg(long, value_name = "FILE")]
-    pub corpus: Option<PathBuf>,
-    /// Output folder for stability.json and stability.png [default: target/stability]
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// CPU threads [default: RAYON_NUM_THREADS, else all cores]
-    #[arg(long, value_name = "N", value_parser = count)]
-    pub threads: Option<usize>,
-    /// No progress bars (log lines on stderr instead)
-    #[arg(long)]
-    pub no_progress: bool,
-    /// Leave token embeddings unscaled (torchscale's config default)
-    #[arg(long)]
-    pub no_scale_embedding: bool,
+/// Defines the command line of a technique-comparison experiment (`stability`, `deepnet`): the
+/// same flags, with each command's defaults in its help. `--quick` swaps in the smoke-test sizes;
+/// any other flag given overrides them, in whatever order.
+macro_rules! technique_flags {
+    (
+        $(#[$meta:meta])*
+        $name:ident, quick: $quick:literal, layers: $layers:literal, dim: $dim:literal,
+        heads: $heads:literal, ffn: $ffn:literal, steps: $steps:literal, lr: $lr:literal,
+        warmup: $warmup:literal, batch: $batch:literal, seq: $seq:literal,
+        techniques: $techniques:literal, valid_every: $valid_every:literal, out: $out:literal
+    ) => {
+        #[derive(Debug, Clone, ::clap::Parser)]
+        $(#[$meta])*
+        pub struct $name {
+            #[arg(long, help = concat!("Smoke-test sizes: ", $quick))]
+            pub quick: bool,
+            #[arg(long, value_name = "N", value_parser = $crate::cli::count,
+                  help = concat!("Decoder layers [default: ", $layers, "]"))]
+            pub layers: Option<usize>,
+            #[arg(long, value_name = "D", value_parser = $crate::cli::count,
+                  help = concat!("Model width [default: ", $dim, "]"))]
+            pub dim: Option<usize>,
+            #[arg(long, value_name = "H", value_parser = $crate::cli::count,
+                  help = concat!("Attention heads; must divide --dim [default: ", $heads, "]"))]
+            pub heads: Option<usize>,
+            #[arg(long, value_name = "F", value_parser = $crate::cli::count,
+                  help = concat!("FFN width [default: ", $ffn, "]"))]
+            pub ffn: Option<usize>,
+            #[arg(long, value_name = "S", value_parser = $crate::cli::count,
+                  help = concat!("Training steps per technique [default: ", $steps, "]"))]
+            pub steps: Option<usize>,
+            #[arg(long, value_name = "X", value_parser = $crate::cli::non_negative,
+                  allow_negative_numbers = true,
+                  help = concat!("Peak learning rate [default: ", $lr, "]"))]
+            pub lr: Option<f64>,
+            #[arg(long, value_name = "W", help = concat!(
+                "Warm-up updates of the inverse square root schedule [default: ", $warmup, "]"))]
+            pub warmup: Option<u64>,
+            #[arg(long, value_name = "B", value_parser = $crate::cli::count,
+                  help = concat!("Sequences per step [default: ", $batch, "]"))]
+            pub batch: Option<usize>,
+            #[arg(long, value_name = "T", value_parser = $crate::cli::count,
+                  help = concat!("Bytes per sequence [default: ", $seq, "]"))]
+            pub seq: Option<usize>,
+            /// Global-norm clipping threshold, 0 = off [default: 0]
+            #[arg(long, value_name = "C", value_parser = $crate::cli::non_negative,
+                  allow_negative_numbers = true)]
+            pub clip: Option<f64>,
+            #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = $crate::stability::technique_arg,
+                  help = concat!("Techniques to run, in order: post-ln, pre-ln, deepnorm, subln, \
+                                  admin [default: ", $techniques, "]"))]
+            pub techniques: Option<Vec<::torchscale_models::config::Technique>>,
+            /// Seed of the initialisation and of the data order [default: 1]
+            #[arg(long, value_name = "N")]
+            pub seed: Option<u64>,
+            #[arg(long, value_name = "K", value_parser = $crate::cli::count, help = concat!(
+                "Measure the validation loss every K steps (and at the end) [default: ",
+                $valid_every, "]"))]
+            pub valid_every: Option<usize>,
+            /// The training text [default: data/kjv.txt]
+            #[arg(long, value_name = "FILE")]
+            pub corpus: Option<::std::path::PathBuf>,
+            #[arg(long, value_name = "DIR",
+                  help = concat!("Output folder for the JSON and the PNG [default: ", $out, "]"))]
+            pub out: Option<::std::path::PathBuf>,
+            /// CPU threads [default: RAYON_NUM_THREADS, else all cores]
+            #[arg(long, value_name = "N", value_parser = $crate::cli::count)]
+            pub threads: Option<usize>,
+            /// No progress bars (log lines on stderr instead)
+            #[arg(long)]
+            pub no_progress: bool,
+            /// Leave token embeddings unscaled (torchscale's config default)
+            #[arg(long)]
+            pub no_scale_embedding: bool,
+            /// Activation checkpointing: keep one input per segment of K layers and recompute the
+            /// segment in the backward pass [default: off]
+            #[arg(long, value_name = "K", value_parser = $crate::cli::count)]
+            pub checkpoint_activations: Option<usize>,
+        }
+
+        impl $name {
+            /// The flags, for [`StabilityOpts::with_flags`].
+            pub fn flags(self) -> $crate::stability::TechniqueFlags {
+                $crate::stability::TechniqueFlags {
+                    quick: self.quick,
+                    layers: self.layers,
+                    dim: self.dim,
+                    heads: self.heads,
+                    ffn: self.ffn,
+                    steps: self.steps,
+                    lr: self.lr,
+                    warmup: self.warmup,
+                    batch: self.batch,
+                    seq: self.seq,
+                    clip: self.clip,
+                    techniques: self.techniques,
+                    seed: self.seed,
+                    valid_every: self.valid_every,
+                    corpus: self.corpus,
+                    out: self.out,
+                    threads: self.threads,
+                    no_progress: self.no_progress,
+                    no_scale_embedding: self.no_scale_embedding,
+                    checkpoint_activations: self.checkpoint_activations,
+                }
+            }
+        }
+    };
 }
+pub(crate) use technique_flags;
+
+technique_flags!(
+    /// The command line of `cargo xtask stability`.
+    #[command(
+        name = "stability",
+        about = "DeepNet's convergence experiment: the same deep, narrow byte-level decoder trained \
+                 with Post-LN, Pre-LN, DeepNorm, Sub-LN and Admin"
+    )]
+    StabilityArgs,
+    quick: "2 layers, width 32, FFN 64, 2 heads, 3 steps of 2x16 bytes",
+    layers: "48", dim: "64", heads: "4", ffn: "256", steps: "500", lr: "3e-3", warmup: "20",
+    batch: "8", seq: "32", techniques: "all five", valid_every: "100",
+    out: "target/stability"
+);
 
 impl StabilityArgs {
     /// The settings: the defaults (or `--quick`'s), then every flag given.
     pub fn into_opts(self) -> Result<StabilityOpts> {
-        let mut o = if self.quick {
-            StabilityOpts::quick()
-        } else {
-            StabilityOpts::default()
-        };
-        macro_rules! set {
-            ($($field:ident <- $flag:ident),*) => {
-                $(if let Some(v) = self.$flag { o.$field = v; })*
-            };
-        }
-        set!(layers <- layers, dim <- dim, heads <- heads, ffn_dim <- ffn, steps <- steps,
-             lr <- lr, warmup <- warmup, batch <- batch, seq_len <- seq, clip <- clip,
-             techniques <- techniques, seed <- seed, valid_every <- valid_every,
-             corpus <- corpus, out <- out);
-        o.threads = self.threads.or(o.threads);
-        o.progress &= !self.no_progress;
-        o.scale_embedding &= !self.no_scale_embedding;
-        ensure!(!o.techniques.is_empty(), "--techniques is empty");
-        ensure!(
-            o.dim % o.heads == 0,
-            "--heads {} must divide --dim {}",
-            o.heads,
-            o.dim
-        );
-        Ok(o)
+        StabilityOpts::with_flags(
+            StabilityOpts::default(),
+            StabilityOpts::quick(),
+            self.flags(),
+        )
     }
 }
 
-fn technique_arg(s: &str) -> Result<Technique, String> {
-    parse_technique(s).map_err(|e| e.to_string())
+/// The flags of a technique-comparison command, whichever it is (see `technique_flags!`).
+#[derive(Debug, Clone, Default)]
+pub struct TechniqueFlags {
+    pub quick: bool,
+    pub layers: Option<usize>,
+    pub dim: Option<usize>,
+    pub heads: Option<usize>,
+    pub ffn: Option<usize>,
+    pub steps: Option<usize>,
+    pub lr: Option<f64>,
+    pub warmup: Option<u64>,
+    pub batch: Option<usize>,
+    pub seq: Option<usize>,
+    pub clip: Option<f64>,
+    pub techniques: Option<Vec<Technique>>,
+    pub seed: Option<u64>,
+    pub valid_every: Option<usize>,
+    pub corpus: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub no_progress: bool,
+    pub no_scale_embedding: bool,
+    pub checkpoint_activations: Option<usize>,
 }
 
-/// Held-out fraction of the corpus lines.
-const VALID_FRACTION: f64 = 0.02;
-/// Validation batches per measurement (at most).
-const VALID_BATCHES: usize = 8;
-/// Non-finite steps in a row after which a run is stopped.
-const MAX_SKIPS: usize = 5;
+/// `--techniques`' parser.
+pub fn technique_arg(s: &str) -> Result<Technique, String> {
+    parse_technique(s).map_err(|e| e.to_string())
+}
 
 /// The settings of one experiment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StabilityOpts {
+    /// The experiment's name: `stability` or `deepnet` (the names of its JSON and PNG files).
+    pub experiment: String,
     /// Decoder layers.
     pub layers: usize,
     /// Model width.
@@ -195,6 +253,8 @@ pub struct StabilityOpts {
     pub seed: u64,
     /// Validation every this many steps (and at the end).
     pub valid_every: usize,
+    /// Validation batches per measurement (at most).
+    pub valid_batches: usize,
     /// The training text.
     pub corpus: PathBuf,
     /// Output folder.
@@ -206,13 +266,8 @@ pub struct StabilityOpts {
     /// CPU threads (`--threads`; None: `RAYON_NUM_THREADS`, else all cores). Only [`main`]
     /// applies it, before the first tensor op.
     pub threads: Option<usize>,
-}
-
-/// The workspace root (the parent of this crate's folder).
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    /// Activation checkpointing: layers per recomputed segment (None: off).
+    pub checkpoint_activations: Option<usize>,
 }
 
 /// All five techniques, in the table's order.
@@ -230,6 +285,7 @@ impl Default for StabilityOpts {
     /// while DeepNorm leaves it after about 250 steps.
     fn default() -> Self {
         Self {
+            experiment: "stability".into(),
             layers: 48,
             dim: 64,
             heads: 4,
@@ -243,11 +299,13 @@ impl Default for StabilityOpts {
             techniques: ALL_TECHNIQUES.to_vec(),
             seed: 1,
             valid_every: 100,
+            valid_batches: 8,
             corpus: workspace_root().join("data/kjv.txt"),
             out: workspace_root().join("target/stability"),
             progress: true,
             threads: None,
             scale_embedding: true,
+            checkpoint_activations: None,
         }
     }
 }
@@ -269,6 +327,32 @@ impl StabilityOpts {
         }
     }
 
+    /// `base` (or `quick` with `--quick`), then every flag given.
+    pub fn with_flags(base: Self, quick: Self, f: TechniqueFlags) -> Result<Self> {
+        let mut o = if f.quick { quick } else { base };
+        macro_rules! set {
+            ($($field:ident <- $flag:ident),*) => {
+                $(if let Some(v) = f.$flag { o.$field = v; })*
+            };
+        }
+        set!(layers <- layers, dim <- dim, heads <- heads, ffn_dim <- ffn, steps <- steps,
+             lr <- lr, warmup <- warmup, batch <- batch, seq_len <- seq, clip <- clip,
+             techniques <- techniques, seed <- seed, valid_every <- valid_every,
+             corpus <- corpus, out <- out);
+        o.threads = f.threads.or(o.threads);
+        o.checkpoint_activations = f.checkpoint_activations.or(o.checkpoint_activations);
+        o.progress &= !f.no_progress;
+        o.scale_embedding &= !f.no_scale_embedding;
+        ensure!(!o.techniques.is_empty(), "--techniques is empty");
+        ensure!(
+            o.dim % o.heads == 0,
+            "--heads {} must divide --dim {}",
+            o.heads,
+            o.dim
+        );
+        Ok(o)
+    }
+
     /// Parses the flags after `stability` (see [`StabilityArgs`]).
     pub fn parse(args: &[String]) -> Result<Self> {
         crate::cli::parse_flags::<StabilityArgs>("stability", args)?.into_opts()
@@ -285,6 +369,16 @@ impl StabilityOpts {
             .with_max_positions(self.seq_len.max(1024))
             .with_scale_embedding(self.scale_embedding)
             .with_technique(technique)
+    }
+
+    /// The JSON record's path.
+    pub fn json_path(&self) -> PathBuf {
+        self.out.join(format!("{}.json", self.experiment))
+    }
+
+    /// The figure's path.
+    pub fn png_path(&self) -> PathBuf {
+        self.out.join(format!("{}.png", self.experiment))
     }
 }
 
@@ -317,66 +411,49 @@ pub fn technique_name(t: Technique) -> &'static str {
     }
 }
 
-/// `cargo xtask stability [flags]`: runs, writes `stability.json` and `stability.png` under
-/// `--out`, and prints the table.
-pub fn main(opts: &StabilityOpts) -> Result<()> {
-    // rayon sizes its pool from RAYON_NUM_THREADS when the first parallel op runs. With the fused
-    // kernels and the runs on one of rayon's workers (`in_pool`), two threads beat one on the
-    // 2-core machine (40 steps of two techniques: 2.7 s against 3.6 s); before them, candle's
-    // spinning barriers made one thread 4x faster, which is why `--threads` exists.
-    if let Some(n) = opts.threads {
+/// Sets the rayon pool's size from `threads` (None: leave it to `RAYON_NUM_THREADS` or the core
+/// count). rayon sizes its pool when the first parallel op runs, so call this first.
+///
+/// With the fused kernels and the runs on one of rayon's workers (`in_pool`), two threads beat one
+/// on the 2-core machine (40 steps of two techniques: 2.7 s against 3.6 s); before them, candle's
+/// spinning barriers made one thread 4x faster, which is why `--threads` exists.
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+}
+
+/// `cargo xtask stability [flags]` (and `deepnet`): runs, writes the JSON and the PNG under
+/// `--out`, and prints the table.
+pub fn main(opts: &StabilityOpts) -> Result<Experiment> {
+    set_threads(opts.threads);
     let start = Instant::now();
     let exp = torchscale_kernels::runtime::in_pool(|| run(opts))?;
     print!("{}", table(&exp));
     println!(
         "wrote {} and {} in {:.0} s",
-        shown(&opts.out.join("stability.json")),
-        shown(&opts.out.join("stability.png")),
+        shown(&opts.json_path()),
+        shown(&opts.png_path()),
         start.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(exp)
 }
 
-/// Runs every technique of `opts` and writes `stability.json` and `stability.png` to `opts.out`.
+/// Runs every technique of `opts` and writes the JSON and the PNG to `opts.out`.
 pub fn run(opts: &StabilityOpts) -> Result<Experiment> {
-    let bytes = std::fs::read(&opts.corpus)
-        .with_context(|| format!("reading the corpus {}", opts.corpus.display()))?;
-    let corpus = ByteCorpus::from_text(&String::from_utf8_lossy(&bytes), VALID_FRACTION)?;
-    let thresholds = Thresholds::new(unigram_entropy(&bytes));
-    let dev = Device::Cpu;
-    let valid = corpus.valid_batches(opts.batch, opts.seq_len, VALID_BATCHES, &dev)?;
-    ensure!(
-        !valid.is_empty(),
-        "the validation split holds no batch of {}×{} bytes",
-        opts.batch,
-        opts.seq_len
-    );
+    let data = Data::load(&opts.corpus, opts.batch, opts.seq_len, opts.valid_batches)?;
+    let thresholds = Thresholds::new(data.unigram_entropy);
     std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
-
-    let multi = MultiProgress::with_draw_target(if opts.progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template(
-        "{prefix:>9} [{bar:30}] {pos:>4}/{len} {elapsed_precise} {msg}",
-    )?
-    .progress_chars("=> ");
-    let bars: Vec<ProgressBar> = opts
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", opts.out.display()))?;
+    let progress = Progress::new(opts.progress)?;
+    let tickers: Vec<_> = opts
         .techniques
         .iter()
-        .map(|&t| {
-            let b = multi.add(ProgressBar::new(opts.steps as u64));
-            b.set_style(style.clone());
-            b.set_prefix(technique_name(t));
-            b
-        })
+        .map(|&t| progress.bar(technique_name(t), opts.steps))
         .collect();
 
     let config = ExperimentConfig {
+        experiment: opts.experiment.clone(),
         layers: opts.layers,
         dim: opts.dim,
         heads: opts.heads,
@@ -391,47 +468,53 @@ pub fn run(opts: &StabilityOpts) -> Result<Experiment> {
         betas: (AdamWConfig::default().beta1, AdamWConfig::default().beta2),
         scale_embedding: opts.scale_embedding,
         valid_every: opts.valid_every,
-        corpus: opts.corpus.display().to_string(),
+        corpus: data.path.clone(),
         thresholds,
         techniques: opts
             .techniques
             .iter()
             .map(|&t| technique_name(t).to_string())
             .collect(),
+        checkpoint_activations: opts.checkpoint_activations,
+        threads: rayon_threads(),
     };
     let mut exp = Experiment {
         config,
         runs: Vec::new(),
     };
-    for (&t, bar) in opts.techniques.iter().zip(&bars) {
-        let run = train_one(opts, t, &corpus, &valid, &thresholds, bar)?;
-        let done = format!(
+    for (&t, ticker) in opts.techniques.iter().zip(&tickers) {
+        let run = train_one(opts, t, &data, &thresholds, ticker)?;
+        ticker.finish(format!(
             "{}: final loss {:.3}, max |g| {:.3}",
             run.summary.verdict, run.summary.final_loss, run.summary.max_grad_norm
-        );
-        if bar.is_hidden() {
-            tracing::info!("{} {done} ({:.1} s)", technique_name(t), run.seconds);
-        }
-        bar.finish_with_message(done);
+        ));
         exp.runs.push(run);
         // Written after every run so that an interrupted experiment leaves what it did.
-        exp.write(&opts.out.join("stability.json"))?;
+        exp.write(&opts.json_path())?;
     }
-    draw(&exp, &opts.out.join("stability.png"))?;
+    draw(&exp, &opts.png_path())?;
     Ok(exp)
+}
+
+/// Threads of rayon's pool, as rayon sizes it: `RAYON_NUM_THREADS`, else the cores available.
+pub fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Trains one technique.
 fn train_one(
     opts: &StabilityOpts,
     technique: Technique,
-    corpus: &ByteCorpus,
-    valid: &[(candle_core::Tensor, candle_core::Tensor)],
+    data: &Data,
     thresholds: &Thresholds,
-    bar: &ProgressBar,
+    ticker: &experiment::Ticker,
 ) -> Result<RunRecord> {
     let start = Instant::now();
-    let dev = Device::Cpu;
+    let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(technique), opts.seed)?;
     let mut trainer = Trainer::new(
         &lm.store,
@@ -451,90 +534,56 @@ fn train_one(
         label_smoothing: 0.0,
         moe_loss_weight: 0.0,
     };
-    let mut steps = Vec::with_capacity(opts.steps);
-    let mut valid_log = Vec::new();
-    let mut stopped = None;
-    let log_every = (opts.steps / 10).max(1);
-    for s in 0..opts.steps {
-        let result = trainer.step(1, |ctx| {
-            let (i, t) = corpus.train_batch(opts.batch, opts.seq_len, ctx.seed, &dev)?;
-            lm.micro_batch(&i, &t, true, &loss_cfg, ctx.seed)
-        });
-        let r = match result {
-            Ok(r) => r,
-            Err(CoreError::NonFinite { what }) => {
-                stopped = Some(format!("step {s}: {what}"));
-                break;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        steps.push(StepRecord {
-            step: r.step,
-            loss: r.nll,
-            lr: r.lr,
-            grad_norm: r.grad_norm,
-            skipped: r.skipped.is_some(),
-        });
-        bar.inc(1);
-        bar.set_message(format!("loss {:.3} |g| {:.3}", r.nll, r.grad_norm));
-        let done = s + 1;
-        // Without bars (no terminal, --no-progress) a log line every tenth of the run instead.
-        if bar.is_hidden() && (done % log_every == 0 || done == opts.steps) {
-            let recent = &steps[steps.len().saturating_sub(log_every)..];
-            let mean = recent.iter().map(|s| s.loss).sum::<f64>() / recent.len() as f64;
-            tracing::info!(
-                "{} step {done}/{}: loss {mean:.3} (mean of {}), lr {:.2e}, |g| {:.3}, {:.1} s",
-                technique_name(technique),
-                opts.steps,
-                recent.len(),
-                r.lr,
-                r.grad_norm,
-                start.elapsed().as_secs_f64()
-            );
-        }
-        if done % opts.valid_every == 0 && done < opts.steps {
-            valid_log.push(ValidRecord {
-                step: trainer.num_updates(),
-                loss: evaluate(&lm, valid)?,
-            });
-        }
+    let built = start.elapsed().as_secs_f64();
+    if ticker.logs() {
+        tracing::info!(
+            "{}: {} parameters, built in {built:.1} s",
+            technique_name(technique),
+            lm.num_parameters()
+        );
     }
-    valid_log.push(ValidRecord {
-        step: trainer.num_updates(),
-        loss: evaluate(&lm, valid)?,
-    });
-    let losses: Vec<f64> = steps.iter().map(|s| s.loss).collect();
-    let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).collect();
-    let skipped = steps.iter().filter(|s| s.skipped).count();
+    let plan = LoopPlan {
+        steps: opts.steps,
+        valid_every: opts.valid_every,
+    };
+    let out = experiment::train_loop(
+        &mut trainer,
+        plan,
+        ticker,
+        |ctx| {
+            let (i, t) = data
+                .corpus
+                .train_batch(opts.batch, opts.seq_len, ctx.seed, &dev)?;
+            match opts.checkpoint_activations {
+                Some(k) => lm.micro_batch_checkpointed(&i, &t, true, &loss_cfg, ctx.seed, k),
+                None => lm.micro_batch(&i, &t, true, &loss_cfg, ctx.seed),
+            }
+        },
+        || experiment::evaluate(&lm, &data.valid),
+        |_, _| Ok(()),
+    )?;
+    let losses: Vec<f64> = out.steps.iter().map(|s| s.loss).collect();
+    let norms: Vec<f64> = out.steps.iter().map(|s| s.grad_norm).collect();
+    let skipped = out.steps.iter().filter(|s| s.skipped).count();
     let summary = classify(&losses, &norms, skipped, opts.steps, thresholds);
     Ok(RunRecord {
         technique: technique_name(technique).to_string(),
         parameters: lm.num_parameters(),
-        steps,
-        valid: valid_log,
-        stopped,
+        steps: out.steps,
+        valid: out.valid,
+        stopped: out.stopped,
         summary,
         seconds: start.elapsed().as_secs_f64(),
+        peak_rss_bytes: out.peak_rss_bytes,
+        timing: Some(out.timing),
     })
-}
-
-/// Validation NLL per byte; a diverged model's non-finite evaluation is recorded as NaN.
-fn evaluate(
-    lm: &LanguageModel,
-    valid: &[(candle_core::Tensor, candle_core::Tensor)],
-) -> Result<f64> {
-    match lm.evaluate(valid) {
-        Ok(v) => Ok(v),
-        Err(CoreError::NonFinite { .. }) => Ok(f64::NAN),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The printed table: one line per run.
 pub fn table(exp: &Experiment) -> String {
     let c = &exp.config;
     let mut s = format!(
-        "{} layers, d={}, ffn={}, heads={}, {} steps of {}x{} bytes, lr {:e}, warmup {}, clip {}, seed {}\n\
+        "{} layers, d={}, ffn={}, heads={}, {} steps of {}x{} bytes, lr {:e}, warmup {}, clip {}, seed {}{}\n\
          final = mean of the last {} steps; H1 (unigram entropy) = {:.3}, ln 260 = {:.3}\n\n",
         c.layers,
         c.dim,
@@ -547,12 +596,15 @@ pub fn table(exp: &Experiment) -> String {
         c.warmup,
         c.clip,
         c.seed,
+        c.checkpoint_activations
+            .map(|k| format!(", checkpointing every {k} layers"))
+            .unwrap_or_default(),
         window(c.steps),
         c.thresholds.unigram_entropy,
         (BYTE_VOCAB as f64).ln()
     );
     s += &format!(
-        "{:<9} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>7}  {}\n",
+        "{:<9} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>7} {:>7} {:>9}  {}\n",
         "technique",
         "initial",
         "final",
@@ -561,12 +613,15 @@ pub fn table(exp: &Experiment) -> String {
         "max |g|",
         "skipped",
         "seconds",
+        "s/step",
+        "peak MiB",
         "verdict"
     );
     for r in &exp.runs {
         let m = &r.summary;
+        let per_step = r.timing.map_or(f64::NAN, |t| t.step);
         s += &format!(
-            "{:<9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>10.3} {:>7} {:>7.0}  {}{}\n",
+            "{:<9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>10.3} {:>7} {:>7.0} {:>7.3} {:>9.0}  {}{}\n",
             r.technique,
             m.initial_loss,
             m.final_loss,
@@ -575,12 +630,33 @@ pub fn table(exp: &Experiment) -> String {
             m.max_grad_norm,
             m.skipped,
             r.seconds,
+            per_step,
+            mib(r.peak_rss_bytes),
             m.verdict,
             r.stopped
                 .as_ref()
                 .map(|w| format!(" (stopped at {w})"))
                 .unwrap_or_default()
         );
+    }
+    s
+}
+
+/// The phase table: mean seconds per step in forward, backward, clipping, the optimizer and the
+/// rest, per run (the backward, clipping and optimizer columns need `cargo xtask`'s timing
+/// layer; without it they read NaN).
+pub fn phase_table(exp: &Experiment) -> String {
+    let mut s = format!(
+        "{:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "technique", "step", "forward", "backward", "clip", "adamw", "other"
+    );
+    for r in &exp.runs {
+        if let Some(t) = r.timing {
+            s += &format!(
+                "{:<9} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}\n",
+                r.technique, t.step, t.forward, t.backward, t.clip, t.optimizer, t.other
+            );
+        }
     }
     s
 }

@@ -196,14 +196,18 @@ fn json_round_trip_keeps_non_finite_values() {
             loss: 5.5,
             lr: 0.0,
             grad_norm: 1.5,
+            clip_coef: 1.0,
             skipped: false,
+            seconds: 0.25,
         },
         StepRecord {
             step: 1,
             loss: f64::NAN,
             lr: 1e-3,
             grad_norm: f64::NAN,
+            clip_coef: f64::NAN,
             skipped: true,
+            seconds: 0.0,
         },
     ];
     let losses: Vec<f64> = steps.iter().map(|s| s.loss).collect();
@@ -212,6 +216,7 @@ fn json_round_trip_keeps_non_finite_values() {
     assert_eq!(summary.verdict, Verdict::Diverged);
     let exp = Experiment {
         config: ExperimentConfig {
+            experiment: "stability".into(),
             layers: 1,
             dim: 8,
             heads: 1,
@@ -229,6 +234,8 @@ fn json_round_trip_keeps_non_finite_values() {
             corpus: "x".into(),
             thresholds: th(),
             techniques: vec!["Post-LN".into()],
+            checkpoint_activations: None,
+            threads: 2,
         },
         runs: vec![RunRecord {
             technique: "Post-LN".into(),
@@ -241,6 +248,8 @@ fn json_round_trip_keeps_non_finite_values() {
             stopped: None,
             summary,
             seconds: 0.5,
+            peak_rss_bytes: 1 << 20,
+            timing: None,
         }],
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -252,10 +261,59 @@ fn json_round_trip_keeps_non_finite_values() {
     let (a, b) = (&exp.runs[0], &back.runs[0]);
     assert_eq!(a.steps[0], b.steps[0]);
     assert!(b.steps[1].loss.is_nan() && b.steps[1].grad_norm.is_nan() && b.steps[1].skipped);
+    assert!(b.steps[1].clip_coef.is_nan());
+    assert_eq!(b.peak_rss_bytes, 1 << 20);
     assert!(b.valid[0].loss.is_nan());
     assert_eq!(b.summary.verdict, Verdict::Diverged);
     assert_eq!(b.summary.initial_loss, 5.5);
     assert!(b.summary.final_loss.is_nan());
     assert_eq!(b.summary.max_grad_norm, 1.5);
     assert_eq!(back.config, exp.config);
+}
+
+/// A record written before the per-step clipping coefficient and time, the experiment name, the
+/// peak memory and the phase times existed still reads, with their defaults.
+#[test]
+fn older_records_read_with_defaults() {
+    use xtask::stability::StepRecord;
+    let step: StepRecord = serde_json::from_str(
+        r#"{"step": 3, "loss": 2.5, "lr": 0.001, "grad_norm": 1.25, "skipped": false}"#,
+    )
+    .unwrap();
+    assert_eq!(step.clip_coef, 1.0);
+    assert_eq!(step.seconds, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = StabilityOpts::parse(&[
+        "--quick".into(),
+        "--steps".into(),
+        "1".into(),
+        "--techniques".into(),
+        "pre-ln".into(),
+    ])
+    .unwrap();
+    opts.out = tmp.path().to_path_buf();
+    opts.progress = false;
+    run(&opts).unwrap();
+    // Strip the new fields from the file and read it back.
+    let path = tmp.path().join("stability.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for k in ["experiment", "checkpoint_activations", "threads"] {
+        v["config"].as_object_mut().unwrap().remove(k).unwrap();
+    }
+    for r in v["runs"].as_array_mut().unwrap() {
+        let r = r.as_object_mut().unwrap();
+        r.remove("peak_rss_bytes").unwrap();
+        r.remove("timing").unwrap();
+        for s in r.get_mut("steps").unwrap().as_array_mut().unwrap() {
+            s.as_object_mut().unwrap().remove("clip_coef").unwrap();
+            s.as_object_mut().unwrap().remove("seconds").unwrap();
+        }
+    }
+    std::fs::write(&path, v.to_string()).unwrap();
+    let back = Experiment::read(&path).unwrap();
+    assert_eq!(back.config.experiment, "stability");
+    assert_eq!(back.runs[0].peak_rss_bytes, 0);
+    assert!(back.runs[0].timing.is_none());
+    assert_eq!(back.runs[0].steps[0].clip_coef, 1.0);
 }

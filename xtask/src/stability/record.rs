@@ -1,5 +1,6 @@
-//! The experiment's record, written as `stability.json`: its settings, and every step of every
-//! run. JSON has no NaN or infinity: such values are written as `null` and read back as NaN.
+//! The experiment's record, written as `stability.json` (`deepnet.json`): its settings, and every
+//! step of every run. JSON has no NaN or infinity: such values are written as `null` and read
+//! back as NaN. Fields added after the first version read as their defaults from older files.
 
 use std::path::Path;
 
@@ -7,10 +8,14 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::verdict::{CurveSummary, Thresholds};
+use crate::experiment::PhaseTimes;
 
 /// The settings shared by every run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExperimentConfig {
+    /// The experiment (`stability` or `deepnet`).
+    #[serde(default = "stability")]
+    pub experiment: String,
     /// Decoder layers.
     pub layers: usize,
     /// Model width.
@@ -45,6 +50,20 @@ pub struct ExperimentConfig {
     pub thresholds: Thresholds,
     /// Techniques in run order (their display names).
     pub techniques: Vec<String>,
+    /// Activation checkpointing: layers per segment (None: off).
+    #[serde(default)]
+    pub checkpoint_activations: Option<usize>,
+    /// rayon threads the runs had.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn stability() -> String {
+    "stability".into()
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// One training step.
@@ -60,8 +79,14 @@ pub struct StepRecord {
     /// Global gradient norm before clipping.
     #[serde(with = "nan_as_null")]
     pub grad_norm: f64,
+    /// Clipping coefficient applied (1: not clipped).
+    #[serde(default = "one", with = "nan_as_null")]
+    pub clip_coef: f64,
     /// The update was skipped (non-finite loss or gradient).
     pub skipped: bool,
+    /// Wall-clock seconds of the step (the only field that differs between two runs).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// A validation measurement.
@@ -89,8 +114,14 @@ pub struct RunRecord {
     pub stopped: Option<String>,
     /// The curve's reading.
     pub summary: CurveSummary,
-    /// Wall-clock seconds of the run.
+    /// Wall-clock seconds of the run (model building and validation included).
     pub seconds: f64,
+    /// Peak resident memory during the run (VmHWM, reset at its start), bytes; 0 if unknown.
+    #[serde(default)]
+    pub peak_rss_bytes: u64,
+    /// Mean seconds per step by phase.
+    #[serde(default)]
+    pub timing: Option<PhaseTimes>,
 }
 
 impl RunRecord {
@@ -125,7 +156,7 @@ impl Experiment {
 }
 
 /// Non-finite floats as `null` (JSON has no NaN); `null` reads back as NaN.
-pub(super) mod nan_as_null {
+pub(crate) mod nan_as_null {
     use super::*;
 
     /// Writes a non-finite value as `null`.
