@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod deepnet;
 pub mod experiment;
 pub mod export_check;
+pub mod fuzz;
 pub mod golden;
 pub mod grad_case;
 pub mod parity;

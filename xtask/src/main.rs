@@ -13,6 +13,7 @@ use xtask::bench::{BenchCmd, MoeArgs, TrainArgs};
 use xtask::cuda::CudaCmd;
 use xtask::deepnet::DeepnetArgs;
 use xtask::export_check::{ExportCheckArgs, Options, RefSetupArgs};
+use xtask::fuzz::FuzzArgs;
 use xtask::parity::ParityArgs;
 use xtask::scaling::ScalingArgs;
 use xtask::sparseclip::SparseclipArgs;
@@ -52,6 +53,7 @@ enum Cmd {
     /// The CUDA build (on a machine without a GPU) and running it (on the GPU machine)
     #[command(subcommand)]
     Cuda(CudaCmd),
+    Fuzz(FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -113,6 +115,7 @@ fn run(command: Cmd) -> Result<ExitCode> {
             xtask::bench::routing::main(args)?;
         }
         Cmd::Cuda(cmd) => xtask::cuda::main(cmd)?,
+        Cmd::Fuzz(args) => return xtask::fuzz::main(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

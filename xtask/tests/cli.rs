@@ -51,6 +51,7 @@ fn top_level_help_lists_every_command() {
         "stability",
         "bench",
         "cuda",
+        "fuzz",
     ] {
         assert!(
             out.contains(&format!("\n  {cmd} ")),
@@ -101,6 +102,18 @@ fn every_subcommand_has_help() {
         (&["cuda"], &["build", "run"]),
         (&["cuda", "build"], &["--out"]),
         (&["cuda", "run"], &["--dir", "tests", "bench", "all"]),
+        (
+            &["fuzz"],
+            &[
+                "--cases",
+                "--seconds",
+                "--seed",
+                "--case",
+                "--targets",
+                "--memory-limit",
+                "--case-timeout",
+            ],
+        ),
     ];
     for (cmd, words) in cases {
         let args: Vec<&str> = cmd.iter().copied().chain(["--help"]).collect();
