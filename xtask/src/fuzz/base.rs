@@ -13,7 +13,7 @@ use torchscale_models::config::DecoderConfig;
 use torchscale_models::data::BYTE_VOCAB;
 use torchscale_models::lm::{LanguageModel, LossConfig, TrainerFile, CONFIG_FILE};
 use torchscale_models::lm::{MODEL_FILE, TRAINER_FILE};
-use torchscale_models::train::{AdamWConfig, ClipMode, Schedule, Trainer, TrainerConfig};
+use torchscale_models::train::{AdamW, AdamWConfig, ClipMode, Schedule, Trainer, TrainerConfig};
 use torchscale_models::LayerTechnique;
 
 /// The memory budget of every build and load (`BuildOptions::memory_budget`): a config whose
@@ -38,7 +38,14 @@ pub enum CkptFile {
     Trainer,
     /// `config.json`.
     Config,
+    /// `optimizer.safetensors`: an `AdamW::save` file (not part of a checkpoint folder; the file
+    /// cases load it with `AdamW::load`, candle's reader, where the others go through the
+    /// checkpoint's).
+    Optimizer,
 }
+
+/// The file name of [`CkptFile::Optimizer`].
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 impl CkptFile {
     /// Its name in the folder.
@@ -47,6 +54,7 @@ impl CkptFile {
             CkptFile::Model => MODEL_FILE,
             CkptFile::Trainer => TRAINER_FILE,
             CkptFile::Config => CONFIG_FILE,
+            CkptFile::Optimizer => OPTIMIZER_FILE,
         }
     }
 }
@@ -62,6 +70,8 @@ pub struct BaseCheckpoint {
     pub trainer: Vec<u8>,
     /// `config.json`.
     pub config: String,
+    /// `optimizer.safetensors` (written next to the others by [`BaseCheckpoint::write`]).
+    pub optimizer: Vec<u8>,
 }
 
 impl BaseCheckpoint {
@@ -71,13 +81,19 @@ impl BaseCheckpoint {
             CkptFile::Model => &self.model,
             CkptFile::Trainer => &self.trainer,
             CkptFile::Config => self.config.as_bytes(),
+            CkptFile::Optimizer => &self.optimizer,
         }
     }
 
-    /// Writes the three files into `dir` (created), `replace` swapping one file's bytes.
+    /// Writes the checkpoint's three files into `dir` (created), `replace` swapping one file's
+    /// bytes; a replaced [`CkptFile::Optimizer`] is written too.
     pub fn write(&self, dir: &Path, replace: Option<(CkptFile, &[u8])>) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        for f in [CkptFile::Model, CkptFile::Trainer, CkptFile::Config] {
+        let mut files = vec![CkptFile::Model, CkptFile::Trainer, CkptFile::Config];
+        if matches!(replace, Some((CkptFile::Optimizer, _))) {
+            files.push(CkptFile::Optimizer);
+        }
+        for f in files {
             let bytes = match replace {
                 Some((r, b)) if r == f => b,
                 _ => self.bytes(f),
@@ -166,6 +182,12 @@ fn save_base(name: &'static str, cfg: DecoderConfig, dir: &Path) -> Result<BaseC
     };
     let path = dir.join(name);
     lm.save(&path, Some(&tf))?;
+    // The same moments as an optimizer file.
+    let mut opt = AdamW::new(lm.store.named_vars(), AdamWConfig::default())?;
+    let mut moments = tf.tensors.clone();
+    moments.remove("trainer.step");
+    opt.load_state(&moments)?;
+    opt.save(path.join(OPTIMIZER_FILE))?;
     let read = |f: CkptFile| {
         let p = path.join(f.name());
         std::fs::read(&p).map_err(|e| Error::file_op("read", &p, e))
@@ -175,6 +197,7 @@ fn save_base(name: &'static str, cfg: DecoderConfig, dir: &Path) -> Result<BaseC
         model: read(CkptFile::Model)?,
         trainer: read(CkptFile::Trainer)?,
         config: String::from_utf8_lossy(&read(CkptFile::Config)?).into_owned(),
+        optimizer: read(CkptFile::Optimizer)?,
     })
 }
 
@@ -192,7 +215,11 @@ impl Env {
         let tmp = tempfile::Builder::new()
             .prefix("torchscale-fuzz-")
             .tempdir_in(&parent)
-            .or_else(|_| tempfile::Builder::new().prefix("torchscale-fuzz-").tempdir())
+            .or_else(|_| {
+                tempfile::Builder::new()
+                    .prefix("torchscale-fuzz-")
+                    .tempdir()
+            })
             .map_err(|e| Error::file_op("create a temporary folder in", &parent, e))?;
         let bases = vec![
             save_base("dense", dense_config(), tmp.path())?,
@@ -258,6 +285,33 @@ pub fn load_and_use(dir: &Path) -> std::result::Result<Verdict, Violation> {
         Err(e) => return Ok(Err(e)),
     };
     match use_model(&lm, tf.as_ref()) {
+        Ok(Ok(())) => Ok(Ok(())),
+        Ok(Err(v)) => Err(v),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// Loads the (intact) checkpoint at `dir`, then its `optimizer.safetensors` with `AdamW::load`,
+/// and takes a step; a step from a finite model that leaves a non-finite parameter is a
+/// [`Violation`].
+pub fn load_optimizer(dir: &Path) -> std::result::Result<Verdict, Violation> {
+    let run = || -> Result<std::result::Result<(), Violation>> {
+        let (lm, _) = LanguageModel::load_with(dir, &build_options())?;
+        let mut opt = AdamW::new(lm.store.named_vars(), AdamWConfig::default())?;
+        opt.load(dir.join(OPTIMIZER_FILE))?;
+        let (input, target) = batch()?;
+        let mb = lm.micro_batch(&input, &target, true, &LossConfig::default(), 1)?;
+        let grads = mb.loss_sum.backward()?;
+        let finite_before = all_finite(&lm.store)?;
+        opt.step(&grads)?;
+        if finite_before && !all_finite(&lm.store)? {
+            return Ok(Err(Violation(
+                "an AdamW step from the loaded optimizer file left a non-finite parameter".into(),
+            )));
+        }
+        Ok(Ok(()))
+    };
+    match run() {
         Ok(Ok(())) => Ok(Ok(())),
         Ok(Err(v)) => Err(v),
         Err(e) => Ok(Err(e)),

@@ -597,7 +597,16 @@ fn tokens(vocab: i64) -> Result<Tensor> {
     Ok(Tensor::from_vec(ids, (1, 4), &Device::Cpu)?)
 }
 
-/// Parses, finalizes, builds (within the budget) and runs the case's config.
+/// In training mode, the gradients of the sum of `x`.
+fn backward(x: &Tensor, train: bool) -> Result<()> {
+    if train {
+        x.sum_all()?.backward()?;
+    }
+    Ok(())
+}
+
+/// Parses, finalizes, builds (within the budget) and runs the case's config: a forward pass
+/// (with its backward in training mode).
 pub fn run(case: &ConfigCase) -> Verdict {
     let store = ParamStore::new(7);
     let vb = || store.var_builder(DType::F32, &Device::Cpu);
@@ -613,7 +622,7 @@ pub fn run(case: &ConfigCase) -> Verdict {
                 train: case.train,
                 ..Default::default()
             };
-            m.forward(&toks, &inp)?;
+            backward(&m.forward(&toks, &inp)?.x, case.train)?;
             let mut state = IncrementalState::new(true);
             m.forward_incremental(
                 &toks.narrow(1, 0, 2)?,
@@ -635,7 +644,10 @@ pub fn run(case: &ConfigCase) -> Verdict {
                 train: case.train,
                 ..Default::default()
             };
-            m.forward(&tokens(fin.vocab_size)?, &inp)?;
+            backward(
+                &m.forward(&tokens(fin.vocab_size)?, &inp)?.encoder_out,
+                case.train,
+            )?;
         }
         Kind::EncoderDecoder => {
             let cfg = EncoderDecoderConfig::from_json_str(&case.text)?;
@@ -643,7 +655,8 @@ pub fn run(case: &ConfigCase) -> Verdict {
             let fin = cfg.clone().finalize()?;
             let m = EncoderDecoder::new(&cfg, &opts, vb())?;
             let toks = tokens(fin.vocab_size)?;
-            m.forward(&toks, None, &toks.narrow(1, 0, 3)?, case.train)?;
+            let (_, out) = m.forward(&toks, None, &toks.narrow(1, 0, 3)?, case.train)?;
+            backward(&out.x, case.train)?;
         }
     }
     Ok(())

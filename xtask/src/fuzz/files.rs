@@ -3,13 +3,16 @@
 //! dtype, shape or data offsets, a tensor removed or renamed, the metadata replaced, a header
 //! byte or a data byte changed, NaN, infinities, negatives or huge counts written into a tensor,
 //! the file truncated or extended — then loaded with `LanguageModel::load` and, when the trainer
-//! state loads too, trained one step from it.
+//! state loads too, trained one step from it. The third file, `optimizer.safetensors` (written
+//! by `AdamW::save`), is loaded with `AdamW::load` and stepped from.
 
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use serde_json::{json, Map, Value};
 
-use super::base::{load_and_use, BaseCheckpoint, CkptFile, Env, Verdict, Violation};
+use super::base::{
+    load_and_use, load_optimizer, BaseCheckpoint, CkptFile, Env, Verdict, Violation,
+};
 
 /// A safetensors file split into its header (parsed) and its data.
 #[derive(Debug, Clone)]
@@ -431,7 +434,11 @@ pub struct FileCase {
 pub fn case() -> BoxedStrategy<FileCase> {
     (
         0usize..2,
-        select(vec![CkptFile::Model, CkptFile::Trainer]),
+        select(vec![
+            CkptFile::Model,
+            CkptFile::Trainer,
+            CkptFile::Optimizer,
+        ]),
         proptest::collection::vec(file_edit(), 1..3),
     )
         .prop_map(|(base, file, edits)| FileCase { base, file, edits })
@@ -468,5 +475,9 @@ pub fn run(env: &Env, index: u64, case: &FileCase) -> std::result::Result<Verdic
     if let Err(e) = base.write(&dir, Some((case.file, &bytes))) {
         return Ok(Err(torchscale_core::Error::file_op("write", &dir, e)));
     }
-    load_and_use(&dir)
+    if case.file == CkptFile::Optimizer {
+        load_optimizer(&dir)
+    } else {
+        load_and_use(&dir)
+    }
 }

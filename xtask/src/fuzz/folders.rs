@@ -102,6 +102,7 @@ pub struct FolderCase {
     pub action: Action,
 }
 
+/// A file of the checkpoint folder (not the optimizer file, which is not part of it).
 fn file() -> BoxedStrategy<CkptFile> {
     select(vec![CkptFile::Model, CkptFile::Trainer, CkptFile::Config]).boxed()
 }
