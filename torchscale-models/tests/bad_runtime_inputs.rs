@@ -147,7 +147,7 @@ fn bad_inputs_are_refused_naming_the_argument() {
             "the incremental state of a 4-layer decoder after a 3-token prompt, then one step \
              of a 2-layer decoder",
             "Invalid",
-            &["incremental_state", "4"],
+            &["incremental_state", "4 layers"],
             || {
                 let four = decoder(4)?;
                 let two = decoder(2)?;

@@ -79,12 +79,13 @@ fn short(msg: String) -> String {
     }
 }
 
-/// Runs one case: `Ok` when it behaved, else what it did instead.
-fn run_one(case: Case) -> Result<(), String> {
-    run_case(case).map_err(short)
+/// Runs one case: `Ok` (with the error's message, if it was refused) when it behaved, else what
+/// it did instead.
+fn run_one(case: Case) -> Result<String, String> {
+    run_case(case).map(short).map_err(short)
 }
 
-fn run_case(case: Case) -> Result<(), String> {
+fn run_case(case: Case) -> Result<String, String> {
     let Case {
         name: _,
         input: _,
@@ -103,7 +104,7 @@ fn run_case(case: Case) -> Result<(), String> {
         }
     };
     match (expect, got) {
-        (Expect::Ok, Ok(())) => Ok(()),
+        (Expect::Ok, Ok(())) => Ok("succeeded".into()),
         (Expect::Ok, Err(e)) => Err(format!("expected success, got {} error: {e}", variant(&e))),
         (Expect::Err(v, _), Ok(())) => Err(format!("expected a {v} error, got success")),
         (Expect::Err(v, words), Err(e)) => {
@@ -114,7 +115,7 @@ fn run_case(case: Case) -> Result<(), String> {
             } else if !missing.is_empty() {
                 Err(format!("the message lacks {missing:?}: {msg}"))
             } else {
-                Ok(())
+                Ok(msg)
             }
         }
     }
@@ -136,7 +137,7 @@ pub fn check(group: &str, cases: Vec<Case>) {
     for case in cases {
         let (name, input) = (case.name, case.input.clone());
         match run_one(case) {
-            Ok(()) => println!("{group}: {name}: ok"),
+            Ok(msg) => println!("{group}: {name}: ok: {msg}"),
             Err(why) => failures.push(format!("- {name} ({input}): {why}")),
         }
     }
@@ -161,7 +162,7 @@ pub fn check_isolated(group: &str, test: &str, cases: Vec<Case>) {
         };
         limit_address_space(CHILD_MEMORY_LIMIT);
         let line = match run_one(case) {
-            Ok(()) => "ok".to_string(),
+            Ok(msg) => format!("ok: {msg}"),
             Err(why) => format!("failed: {why}"),
         };
         println!("{MARK}{}", line.replace('\n', " / "));
@@ -182,8 +183,8 @@ pub fn check_isolated(group: &str, test: &str, cases: Vec<Case>) {
             .lines()
             .find_map(|l| l.split_once(MARK).map(|(_, verdict)| verdict));
         let why = match line {
-            Some("ok") => {
-                println!("{group}: {}: ok (own process)", case.name);
+            Some(ok) if ok.starts_with("ok: ") => {
+                println!("{group}: {}: {ok} (own process)", case.name);
                 continue;
             }
             Some(other) => other.to_string(),
