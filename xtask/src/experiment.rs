@@ -10,6 +10,7 @@
 pub mod plot;
 pub mod timing;
 
+use std::cell::Cell;
 use std::path::Path;
 use std::time::Instant;
 
@@ -119,7 +120,7 @@ impl Progress {
             len,
             log_every: (len / 10).max(1),
             logs: !self.show || self.multi.is_hidden(),
-            start: Instant::now(),
+            start: Cell::new(Instant::now()),
         }
     }
 }
@@ -131,10 +132,16 @@ pub struct Ticker {
     len: usize,
     log_every: usize,
     logs: bool,
-    start: Instant,
+    start: Cell<Instant>,
 }
 
 impl Ticker {
+    /// The run starts now (the times in the log lines count from here).
+    pub fn begin(&self) {
+        self.start.set(Instant::now());
+        self.bar.reset_elapsed();
+    }
+
     /// Step `done` (1-based) of the run is done; `msg` describes it. Without a bar a log line is
     /// written every tenth of the run and at its end.
     pub fn step(&self, done: usize, msg: impl FnOnce() -> String) {
@@ -146,7 +153,7 @@ impl Ticker {
                     self.name,
                     self.len,
                     msg(),
-                    self.start.elapsed().as_secs_f64()
+                    self.start.get().elapsed().as_secs_f64()
                 );
             }
         } else {
@@ -160,7 +167,7 @@ impl Ticker {
             tracing::info!(
                 "{} {msg} ({:.1} s)",
                 self.name,
-                self.start.elapsed().as_secs_f64()
+                self.start.get().elapsed().as_secs_f64()
             );
         }
         self.bar.finish_with_message(msg);

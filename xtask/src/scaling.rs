@@ -376,6 +376,7 @@ fn train_depth(
     ticker: &experiment::Ticker,
 ) -> Result<DepthRun> {
     let start = Instant::now();
+    ticker.begin();
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(layers), opts.seed)?;
     let mut trainer = Trainer::new(

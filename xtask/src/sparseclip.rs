@@ -453,6 +453,7 @@ fn train_one(
     ticker: &experiment::Ticker,
 ) -> Result<ClipRun> {
     let start = Instant::now();
+    ticker.begin();
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(experts), opts.seed)?;
     let expert_params = lm.model.expert_parameters();

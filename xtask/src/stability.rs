@@ -514,6 +514,7 @@ fn train_one(
     ticker: &experiment::Ticker,
 ) -> Result<RunRecord> {
     let start = Instant::now();
+    ticker.begin();
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(technique), opts.seed)?;
     let mut trainer = Trainer::new(

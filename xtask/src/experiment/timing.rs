@@ -5,11 +5,13 @@
 //! [`layer`] is a `tracing` layer that adds up the lifetimes of those spans while a
 //! [`Recorder`] is recording; `cargo xtask`'s `main` installs it next to the log output. Without
 //! it (tests calling the experiments directly) only the step and the caller's forward closure are
-//! timed and the other phases read NaN.
+//! timed and the other phases read NaN. Recording and the sums are per thread: the trainer opens
+//! and closes its spans on the thread that calls `step`, and runs on other threads (parallel
+//! tests) do not mix.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -28,8 +30,11 @@ const SPANS: [&str; 4] = [
 ];
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
-static RECORDING: AtomicBool = AtomicBool::new(false);
-static TOTALS: Mutex<Option<HashMap<&'static str, f64>>> = Mutex::new(None);
+
+thread_local! {
+    static RECORDING: Cell<bool> = const { Cell::new(false) };
+    static TOTALS: RefCell<HashMap<&'static str, f64>> = RefCell::new(HashMap::new());
+}
 
 /// The layer that times the trainer's spans; install it once, beside the log output.
 pub fn layer<S>() -> Filtered<SpanTimer, impl tracing_subscriber::layer::Filter<S>, S>
@@ -53,7 +58,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        if RECORDING.load(Ordering::Relaxed) {
+        if RECORDING.get() {
             if let Some(span) = ctx.span(id) {
                 span.extensions_mut().insert(Start(Instant::now()));
             }
@@ -66,20 +71,13 @@ where
             return;
         };
         let dt = start.elapsed().as_secs_f64();
-        let mut totals = TOTALS.lock().unwrap_or_else(|p| p.into_inner());
-        *totals
-            .get_or_insert_with(HashMap::new)
-            .entry(span.metadata().name())
-            .or_default() += dt;
+        let name = span.metadata().name();
+        TOTALS.with_borrow_mut(|t| *t.entry(name).or_default() += dt);
     }
 }
 
 fn take_totals() -> HashMap<&'static str, f64> {
-    TOTALS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_default()
+    TOTALS.with_borrow_mut(std::mem::take)
 }
 
 /// Mean seconds per training step, by phase.
@@ -123,7 +121,7 @@ pub struct Recording(bool);
 impl Drop for Recording {
     fn drop(&mut self) {
         if self.0 {
-            RECORDING.store(false, Ordering::Relaxed);
+            RECORDING.set(false);
         }
     }
 }
@@ -149,7 +147,7 @@ impl Recorder {
     /// Spans opened while the returned guard lives are timed, if `on`.
     pub fn record(&mut self, on: bool) -> Recording {
         if on {
-            RECORDING.store(true, Ordering::Relaxed);
+            RECORDING.set(true);
         }
         Recording(on)
     }
