@@ -147,7 +147,7 @@ impl Ticker {
     pub fn step(&self, done: usize, msg: impl FnOnce() -> String) {
         self.bar.inc(1);
         if self.logs {
-            if done % self.log_every == 0 || done == self.len {
+            if done.is_multiple_of(self.log_every) || done == self.len {
                 tracing::info!(
                     "{} step {done}/{}: {}, {:.1} s",
                     self.name,
@@ -287,7 +287,7 @@ where
                 r.nll, r.lr, r.grad_norm, seconds
             )
         });
-        if done % plan.valid_every == 0 && done < plan.steps {
+        if done.is_multiple_of(plan.valid_every) && done < plan.steps {
             valid.push(ValidRecord {
                 step: trainer.num_updates(),
                 loss: validate()?,

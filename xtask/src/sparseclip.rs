@@ -714,7 +714,7 @@ pub fn draw(rec: &SparseclipRecord, path: &Path) -> Result<()> {
     valid.y.1 = valid.y.1.min(rec.unigram_entropy + 0.5);
     norm.hlines.push((c.clip, format!("threshold {}", c.clip)));
     let mut entropy = entropy.fit(0.05);
-    entropy.y.1 = entropy.y.1.max(1.0).min(1.02);
+    entropy.y.1 = entropy.y.1.clamp(1.0, 1.02);
     let caption = format!(
         "vanilla clipping (dashed) vs SparseClip (solid) at {}: {} layers, every {} X-MoE, d={}, \
          {} steps of {}x{} bytes",
