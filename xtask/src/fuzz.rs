@@ -97,9 +97,10 @@ pub struct FuzzArgs {
     /// Print every case with its verdict
     #[arg(long)]
     pub verbose: bool,
-    /// Internal: fail an allocation at case I (tests that the parent reports an abort)
-    #[arg(long, hide = true, value_name = "I")]
-    pub abort_at: Option<u64>,
+    /// Internal: make case I fail as KIND (`panic`, `abort`: a failed allocation, `hang`), to
+    /// test the reports: `KIND@I`
+    #[arg(long, hide = true, value_name = "KIND@I", value_parser = fault_arg)]
+    pub inject: Option<(Fault, u64)>,
     /// Internal: run the cases, writing progress to FILE (what the parent starts)
     #[arg(long, hide = true, value_name = "FILE")]
     pub child: Option<PathBuf>,
@@ -166,8 +167,8 @@ fn parent(args: &FuzzArgs) -> Result<ExitCode> {
     if args.verbose {
         cmd.arg("--verbose");
     }
-    if let Some(i) = args.abort_at {
-        cmd.args(["--abort-at", &i.to_string()]);
+    if let Some((kind, i)) = args.inject {
+        cmd.args(["--inject", &format!("{}@{i}", kind.name())]);
     }
     // The library's warnings (steps skipped on NaN losses, which many cases cause) would drown
     // the report; RUST_LOG set by the caller wins.
@@ -296,6 +297,53 @@ fn limit_address_space(extra_mib: u64) -> Result<()> {
 fn limit_address_space(_extra_mib: u64) -> Result<()> {
     eprintln!("fuzz: no address-space limit on this system (Linux only)");
     Ok(())
+}
+
+/// A failure `--inject` makes happen in a case, to test how it is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The case panics.
+    Panic,
+    /// An allocation fails: the process aborts.
+    Abort,
+    /// The case never returns.
+    Hang,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Panic => "panic",
+            Fault::Abort => "abort",
+            Fault::Hang => "hang",
+        }
+    }
+
+    fn happen(self) -> ! {
+        match self {
+            Fault::Panic => panic!("injected panic"),
+            Fault::Abort => {
+                std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u8; 1 << 20]>())
+            }
+            Fault::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        }
+    }
+}
+
+fn fault_arg(s: &str) -> std::result::Result<(Fault, u64), String> {
+    let (kind, i) = s.split_once('@').ok_or("expected KIND@I")?;
+    let kind = match kind {
+        "panic" => Fault::Panic,
+        "abort" => Fault::Abort,
+        "hang" => Fault::Hang,
+        other => return Err(format!("unknown fault `{other}` (panic, abort, hang)")),
+    };
+    let i = i
+        .parse()
+        .map_err(|_| format!("`{i}` is not a case index"))?;
+    Ok((kind, i))
 }
 
 /// A drawn case.
@@ -448,11 +496,10 @@ fn run_cases(args: &FuzzArgs, progress: Option<&PathBuf>) -> Result<ExitCode> {
             }
         };
         progress.line(&format!("input {desc}"));
-        if args.abort_at == Some(i) {
-            // What a failed allocation does: the process aborts.
-            std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u8; 1 << 20]>());
-        }
-        let verdict = catch_unwind(AssertUnwindSafe(|| run_input(&env, i, &input)));
+        let verdict = catch_unwind(AssertUnwindSafe(|| match args.inject {
+            Some((fault, at)) if at == i => fault.happen(),
+            _ => run_input(&env, i, &input),
+        }));
         let _ = base::clear(&env.scratch.join(format!("case-{i}")));
         let tally = &mut tallies[t];
         tally.cases += 1;

@@ -43,7 +43,7 @@ fn a_seeded_run_finds_no_failing_case() {
 /// its input and the command that replays it.
 #[test]
 fn an_abort_is_reported_with_the_case_and_its_replay() {
-    let (out, text) = fuzz(&["--seed", "4", "--cases", "10", "--abort-at", "7"]);
+    let (out, text) = fuzz(&["--seed", "4", "--cases", "10", "--inject", "abort@7"]);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("FAILED case 7 [file]"), "{text}");
     assert!(text.contains("SIGABRT"), "{text}");
@@ -55,6 +55,43 @@ fn an_abort_is_reported_with_the_case_and_its_replay() {
         text.contains("replay: cargo xtask fuzz --seed 4 --case 7 --targets config,file,folder"),
         "{text}"
     );
+}
+
+/// A panicking case is caught: the run goes on and fails at the end, naming the case, its input
+/// and the panic.
+#[test]
+fn a_panic_is_reported_and_the_run_goes_on() {
+    let (out, text) = fuzz(&["--seed", "4", "--cases", "9", "--inject", "panic@3"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAILED case 3 [config]: panic: panicked at"),
+        "{text}"
+    );
+    assert!(text.contains("injected panic"), "{text}");
+    assert!(text.contains("input: "), "{text}");
+    assert!(
+        text.contains("9 cases in"),
+        "the run stopped at the panic:\n{text}"
+    );
+    assert!(text.contains("fuzz: 1 failures"), "{text}");
+}
+
+/// A case that runs past --case-timeout is stopped and reported.
+#[test]
+fn a_hang_is_stopped_and_reported() {
+    let (out, text) = fuzz(&[
+        "--seed",
+        "4",
+        "--cases",
+        "5",
+        "--inject",
+        "hang@2",
+        "--case-timeout",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAILED case 2 [folder]"), "{text}");
+    assert!(text.contains("ran past --case-timeout (2 s)"), "{text}");
 }
 
 /// `--case I` replays one case alone, the same one a full run draws.
