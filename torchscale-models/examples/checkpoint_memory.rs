@@ -111,8 +111,12 @@ fn main() -> Result<()> {
         };
         let f: Vec<&str> = line.split_whitespace().collect();
         let (params, before, peak) = (num(f[2])?, num(f[3])?, num(f[4])?);
+        let fastest = f[5..]
+            .iter()
+            .filter_map(|t| t.trim_end_matches('s').parse::<f64>().ok())
+            .fold(f64::INFINITY, f64::min);
         println!(
-            "{mode:<13} {params:>12.1} {before:>12.1} {peak:>14.1} {:>10.1}  {}",
+            "{mode:<13} {params:>12.1} {before:>12.1} {peak:>14.1} {:>10.1}  {} (fastest {fastest:.2}s)",
             peak - before,
             f[5..].join(" ")
         );

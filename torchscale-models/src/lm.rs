@@ -568,7 +568,7 @@ impl LanguageModel {
 
 /// Renames the argument a typed error names, where `rename` gives a new name: the model's
 /// errors name its own arguments, a wrapper's caller knows them by the wrapper's.
-fn rename_arg(e: Error, rename: impl Fn(&str) -> Option<String>) -> Error {
+pub(crate) fn rename_arg(e: Error, rename: impl Fn(&str) -> Option<String>) -> Error {
     match e {
         Error::Shape {
             what,

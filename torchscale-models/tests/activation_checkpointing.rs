@@ -328,3 +328,33 @@ fn decoder_with_encoder_output() {
     );
     assert!(diff <= TOL * scale);
 }
+
+#[test]
+fn bad_inputs_fail_as_in_the_plain_call() {
+    let lm = LanguageModel::new(base(2), 1).unwrap();
+    let (input, target) = batch();
+    let loss = LossConfig::default();
+    let out_of_range = Tensor::new(&[[2u32, VOCAB + 5, 3]], &Device::Cpu).unwrap();
+    let cases = [
+        (input.clone(), target.narrow(1, 0, 5).unwrap()),
+        (out_of_range.clone(), out_of_range.ones_like().unwrap()),
+        (input.to_dtype(DType::F32).unwrap(), target.clone()),
+    ];
+    for (i, t) in cases {
+        let plain = lm.micro_batch(&i, &t, true, &loss, 1).unwrap_err();
+        let ck = lm
+            .micro_batch_checkpointed(&i, &t, true, &loss, 1, 1)
+            .unwrap_err();
+        assert_eq!(
+            std::mem::discriminant(&plain),
+            std::mem::discriminant(&ck),
+            "{plain} / {ck}"
+        );
+        let plain = plain.to_string();
+        let ck = ck.to_string();
+        assert_eq!(
+            plain.replace("micro_batch(", "micro_batch_checkpointed("),
+            ck
+        );
+    }
+}

@@ -29,7 +29,10 @@ impl Decoder {
             [_, t] if *t >= 1 => {}
             d => return Err(Error::shape("prev_output_tokens", "[B, T] with T >= 1", d)),
         }
-        Ok(self.embed.forward(tokens, 0, Branch::A, train)?.0)
+        let (x, _) = self
+            .embed
+            .forward_named(tokens, "prev_output_tokens", 0, Branch::A, train)?;
+        Ok(x)
     }
 
     /// What every layer of a full-sequence call on `x_0: [B, T, C]` (the embedding output)

@@ -28,12 +28,14 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId, Var};
 use torchscale_core::dropout::{dropout_state, restore_dropout, DropoutState};
+use torchscale_core::embedding::{check_token_dtype, check_token_ids};
+use torchscale_core::error::describe;
 use torchscale_core::{AuxOutput, Error, Result};
 
 use super::{label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, MicroBatch};
 use crate::data::PAD;
 use crate::decoder::{Decoder, DecoderInputs, Memory};
-use crate::lm::{LanguageModel, LossConfig};
+use crate::lm::{rename_arg, LanguageModel, LossConfig};
 
 /// The loss a checkpointed backward differentiates, as the caller's head closure returns it.
 #[derive(Debug, Clone)]
@@ -88,6 +90,7 @@ impl Decoder {
                 "a segment holds at least 1 layer",
             ));
         }
+        self.check_inputs(tokens, inp, None)?;
         let n = self.layers().len();
         let segments: Vec<Range<usize>> = (0..n)
             .step_by(every_k_layers)
@@ -227,6 +230,16 @@ impl LanguageModel {
         seed: u64,
         every_k_layers: usize,
     ) -> Result<MicroBatch> {
+        // The plain call's checks, so that both refuse the same inputs with the same errors.
+        check_token_dtype(input, "input")?;
+        check_token_ids(target, "target", self.model.embed_tokens().vocab_size())?;
+        if target.dims() != input.dims() {
+            return Err(Error::shape(
+                "target",
+                format!("{:?} (the shape of input)", input.dims()),
+                target.dims(),
+            ));
+        }
         if train {
             self.model.renormalize_gates()?;
         }
@@ -235,12 +248,9 @@ impl LanguageModel {
             ..Default::default()
         };
         let mut head = None;
-        let out = self.model.backward_checkpointed(
-            input,
-            &inp,
-            every_k_layers,
-            seed,
-            |logits, aux| {
+        let out = self
+            .model
+            .backward_checkpointed(input, &inp, every_k_layers, seed, |logits, aux| {
                 let ce =
                     label_smoothed_cross_entropy(logits, target, loss.label_smoothing, Some(PAD))?;
                 // fairseq's MoE criterion: weight * ntokens * mean over the layers' losses.
@@ -254,8 +264,17 @@ impl LanguageModel {
                     loss: ce.loss_sum,
                     aux_weight,
                 })
-            },
-        )?;
+            })
+            .map_err(|e| rename_arg(e, |w| (w == "prev_output_tokens").then(|| "input".into())))
+            .map_err(|e| {
+                e.in_call(|| {
+                    format!(
+                        "LanguageModel::micro_batch_checkpointed({}, {})",
+                        describe("input", input),
+                        describe("target", target)
+                    )
+                })
+            })?;
         let (mut loss_sum, nll_sum, ntokens) =
             head.ok_or_else(|| Error::invalid("checkpointing", "the head loss was not computed"))?;
         // The reported loss is assembled as the plain call assembles it, from the same values.
