@@ -19,8 +19,9 @@ use std::time::Instant;
 static ALLOC: torchscale_kernels::alloc::Allocator = torchscale_kernels::alloc::Allocator {};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use torchscale_models::build::BuildOptions;
 use torchscale_models::config::DecoderConfig;
 use torchscale_models::data::{BYTE_OFFSET, BYTE_VOCAB};
 use torchscale_models::lm::{LanguageModel, LossConfig};
@@ -152,7 +153,14 @@ fn child(a: &Args, mode: &str) -> Result<()> {
         .with_max_positions(a.seq.max(8))
         .with_subln(true)
         .with_dropout(0.1);
-    let lm = LanguageModel::new(cfg, 1)?;
+    // The plain mode is what is measured, even where the default budget (the memory available
+    // now) would refuse its batch: the machine's whole memory is the limit here.
+    let opts = BuildOptions {
+        learned_positions: Some(true),
+        memory_budget: Some(mem_total()?),
+        ..Default::default()
+    };
+    let lm = LanguageModel::with_build_options(cfg, &opts, 1, &Device::Cpu, DType::F32)?;
     let params_mib = (lm.num_parameters() * 4) as f64 / MIB;
     let mut t = Trainer::new(
         &lm.store,
@@ -207,11 +215,19 @@ fn random_batch(b: usize, t: usize, seed: u64) -> torchscale_core::Result<(Tenso
 
 /// This process's peak resident set so far, in MiB (`VmHWM`).
 fn peak_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kb: f64 = status
+    Ok(kib_field("/proc/self/status", "VmHWM:")? / 1024.0)
+}
+
+/// The machine's memory in bytes (`MemTotal`).
+fn mem_total() -> Result<u64> {
+    Ok(kib_field("/proc/meminfo", "MemTotal:")? as u64 * 1024)
+}
+
+/// A `key   N kB` line of a /proc file.
+fn kib_field(path: &str, key: &str) -> Result<f64> {
+    std::fs::read_to_string(path)?
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmHWM in /proc/self/status"))?;
-    Ok(kb / 1024.0)
+        .ok_or_else(|| anyhow!("no {key} in {path}"))
 }
