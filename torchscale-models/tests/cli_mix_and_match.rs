@@ -10,7 +10,12 @@ use cli_support::run;
 fn quick_run_trains_every_experiment_with_its_own_pieces() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().to_str().unwrap();
-    let r = run("mix_and_match", &["--quick", "--out", dir]);
+    // The crate's own copy of the corpus, so the test also runs inside the packaged crate.
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv.txt");
+    let r = run(
+        "mix_and_match",
+        &["--quick", "--corpus", corpus, "--out", dir],
+    );
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     let json = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
     let runs: serde_json::Value = serde_json::from_str(&json).unwrap();
