@@ -22,7 +22,7 @@ technique_flags!(
     )]
     DeepnetArgs,
     quick: "12 layers, width 32, FFN 64, 2 heads, 4 steps of 2x16 bytes",
-    layers: "1000", dim: "64", heads: "4", ffn: "128", steps: "400", lr: "1e-3", warmup: "50",
+    layers: "1000", dim: "64", heads: "4", ffn: "128", steps: "500", lr: "1e-3", warmup: "50",
     batch: "8", seq: "32", techniques: "deepnorm,subln,admin,post-ln", valid_every: "50",
     out: "target/deepnet"
 );
@@ -43,14 +43,14 @@ pub fn defaults() -> StabilityOpts {
         dim: 64,
         heads: 4,
         ffn_dim: 128,
-        steps: 400,
+        steps: 500,
         lr: 1e-3,
         warmup: 50,
         batch: 8,
         seq_len: 32,
         techniques: TECHNIQUES.to_vec(),
         valid_every: 50,
-        valid_batches: 4,
+        valid_batches: 8,
         out: workspace_root().join("target/deepnet"),
         ..StabilityOpts::default()
     }
