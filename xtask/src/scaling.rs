@@ -54,7 +54,7 @@ pub struct ScalingArgs {
     /// FFN width [default: 256]
     #[arg(long, value_name = "F", value_parser = count)]
     pub ffn: Option<usize>,
-    /// Training steps of every depth [default: 1500]
+    /// Training steps of every depth [default: 800]
     #[arg(long, value_name = "S", value_parser = count)]
     pub steps: Option<usize>,
     /// Peak learning rate [default: 2e-3]
@@ -78,7 +78,7 @@ pub struct ScalingArgs {
     /// Seed of the initialisation and of the data order [default: 1]
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// Measure the validation loss every K steps (and at the end) [default: 75]
+    /// Measure the validation loss every K steps (and at the end) [default: 50]
     #[arg(long, value_name = "K", value_parser = count)]
     pub valid_every: Option<usize>,
     /// Validation batches per measurement [default: 16]
@@ -157,15 +157,15 @@ mod technique_serde {
 }
 
 impl Default for ScalingOpts {
-    /// The full run: depths 6 to 48 at width 64, 1,500 steps of 8×64 bytes (768k tokens, a
-    /// fifth of the training bytes).
+    /// The full run: depths 6 to 48 at width 64, 800 steps of 8×64 bytes (410k tokens, a tenth
+    /// of the training bytes).
     fn default() -> Self {
         Self {
             depths: vec![6, 12, 24, 48],
             dim: 64,
             heads: 4,
             ffn_dim: 256,
-            steps: 1500,
+            steps: 800,
             lr: 2e-3,
             warmup: 100,
             batch: 8,
@@ -173,7 +173,7 @@ impl Default for ScalingOpts {
             clip: 1.0,
             technique: Technique::SubLn,
             seed: 1,
-            valid_every: 75,
+            valid_every: 50,
             valid_batches: 16,
             corpus: workspace_root().join("data/kjv.txt"),
             out: workspace_root().join("target/scaling"),

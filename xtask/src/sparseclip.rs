@@ -68,7 +68,7 @@ pub struct SparseclipArgs {
     /// FFN width, of the dense layers and of each expert [default: 128]
     #[arg(long, value_name = "F", value_parser = count)]
     pub ffn: Option<usize>,
-    /// Training steps of every run [default: 400]
+    /// Training steps of every run [default: 800]
     #[arg(long, value_name = "S", value_parser = count)]
     pub steps: Option<usize>,
     /// Peak learning rate [default: 3e-3]
@@ -92,7 +92,7 @@ pub struct SparseclipArgs {
     /// Seed of the initialisation and of the data order [default: 1]
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// Measure the validation loss every K steps (and at the end) [default: 25]
+    /// Measure the validation loss every K steps (and at the end) [default: 40]
     #[arg(long, value_name = "K", value_parser = count)]
     pub valid_every: Option<usize>,
     /// Validation batches per measurement [default: 8]
@@ -160,7 +160,7 @@ pub struct SparseclipOpts {
 }
 
 impl Default for SparseclipOpts {
-    /// The full run: 4 Pre-LN layers of width 64, every other one X-MoE, 400 steps of 8×64 bytes
+    /// The full run: 4 Pre-LN layers of width 64, every other one X-MoE, 800 steps of 8×64 bytes
     /// at lr 3e-3, both methods clipping at 0.5.
     fn default() -> Self {
         Self {
@@ -170,7 +170,7 @@ impl Default for SparseclipOpts {
             dim: 64,
             heads: 4,
             ffn_dim: 128,
-            steps: 400,
+            steps: 800,
             lr: 3e-3,
             warmup: 50,
             batch: 8,
@@ -178,7 +178,7 @@ impl Default for SparseclipOpts {
             clip: 0.5,
             moe_loss_weight: 0.01,
             seed: 1,
-            valid_every: 25,
+            valid_every: 40,
             valid_batches: 8,
             corpus: workspace_root().join("data/kjv.txt"),
             out: workspace_root().join("target/sparseclip"),
