@@ -110,6 +110,10 @@ pub struct SparseclipArgs {
     /// No progress bars (log lines on stderr instead)
     #[arg(long)]
     pub no_progress: bool,
+    /// Redraw the figure (under --out) and reprint the table from a JSON record written
+    /// earlier, without training
+    #[arg(long, value_name = "JSON")]
+    pub replot: Option<PathBuf>,
 }
 
 /// The settings of the experiment.
@@ -157,6 +161,9 @@ pub struct SparseclipOpts {
     /// CPU threads (None: `RAYON_NUM_THREADS`, else all cores); applied by [`main`] only.
     #[serde(skip)]
     pub threads: Option<usize>,
+    /// Redraw the figure and reprint the table from this record instead of training.
+    #[serde(skip)]
+    pub replot: Option<PathBuf>,
 }
 
 impl Default for SparseclipOpts {
@@ -184,6 +191,7 @@ impl Default for SparseclipOpts {
             out: workspace_root().join("target/sparseclip"),
             progress: true,
             threads: None,
+            replot: None,
         }
     }
 }
@@ -273,6 +281,7 @@ impl SparseclipArgs {
              seed <- seed, valid_every <- valid_every, valid_batches <- valid_batches,
              corpus <- corpus, out <- out);
         o.threads = self.threads.or(o.threads);
+        o.replot = self.replot;
         o.progress &= !self.no_progress;
         ensure!(
             o.dim % o.heads == 0,
@@ -386,6 +395,15 @@ impl SparseclipRecord {
 
 /// `cargo xtask sparseclip [flags]`: runs, writes the JSON and the PNG, prints the table.
 pub fn main(opts: &SparseclipOpts) -> Result<SparseclipRecord> {
+    if let Some(json) = &opts.replot {
+        let rec = SparseclipRecord::read(json)?;
+        let png = opts.out.join("sparseclip.png");
+        std::fs::create_dir_all(&opts.out)?;
+        draw(&rec, &png)?;
+        print!("{}", table(&rec));
+        println!("drew {} from {}", shown(&png), shown(json));
+        return Ok(rec);
+    }
     set_threads(opts.threads);
     let start = Instant::now();
     let rec = torchscale_kernels::runtime::in_pool(|| run(opts))?;

@@ -134,6 +134,10 @@ macro_rules! technique_flags {
             /// segment in the backward pass [default: off]
             #[arg(long, value_name = "K", value_parser = $crate::cli::count)]
             pub checkpoint_activations: Option<usize>,
+            /// Redraw the figure (under --out) and reprint the tables from a JSON record written
+            /// earlier, without training
+            #[arg(long, value_name = "JSON")]
+            pub replot: Option<::std::path::PathBuf>,
         }
 
         impl $name {
@@ -160,6 +164,7 @@ macro_rules! technique_flags {
                     no_progress: self.no_progress,
                     no_scale_embedding: self.no_scale_embedding,
                     checkpoint_activations: self.checkpoint_activations,
+                    replot: self.replot,
                 }
             }
         }
@@ -215,6 +220,7 @@ pub struct TechniqueFlags {
     pub no_progress: bool,
     pub no_scale_embedding: bool,
     pub checkpoint_activations: Option<usize>,
+    pub replot: Option<PathBuf>,
 }
 
 /// `--techniques`' parser.
@@ -268,6 +274,8 @@ pub struct StabilityOpts {
     pub threads: Option<usize>,
     /// Activation checkpointing: layers per recomputed segment (None: off).
     pub checkpoint_activations: Option<usize>,
+    /// Redraw the figure and reprint the table from this record instead of training.
+    pub replot: Option<PathBuf>,
 }
 
 /// All five techniques, in the table's order.
@@ -306,6 +314,7 @@ impl Default for StabilityOpts {
             threads: None,
             scale_embedding: true,
             checkpoint_activations: None,
+            replot: None,
         }
     }
 }
@@ -341,6 +350,7 @@ impl StabilityOpts {
              corpus <- corpus, out <- out);
         o.threads = f.threads.or(o.threads);
         o.checkpoint_activations = f.checkpoint_activations.or(o.checkpoint_activations);
+        o.replot = f.replot.or(o.replot);
         o.progress &= !f.no_progress;
         o.scale_embedding &= !f.no_scale_embedding;
         ensure!(!o.techniques.is_empty(), "--techniques is empty");
@@ -426,6 +436,14 @@ pub fn set_threads(threads: Option<usize>) {
 /// `cargo xtask stability [flags]` (and `deepnet`): runs, writes the JSON and the PNG under
 /// `--out`, and prints the table.
 pub fn main(opts: &StabilityOpts) -> Result<Experiment> {
+    if let Some(json) = &opts.replot {
+        let exp = Experiment::read(json)?;
+        std::fs::create_dir_all(&opts.out)?;
+        draw(&exp, &opts.png_path())?;
+        print!("{}", table(&exp));
+        println!("drew {} from {}", shown(&opts.png_path()), shown(json));
+        return Ok(exp);
+    }
     set_threads(opts.threads);
     let start = Instant::now();
     let exp = torchscale_kernels::runtime::in_pool(|| run(opts))?;

@@ -93,6 +93,13 @@ fn quick_run_records_every_technique() {
     let table = xtask::stability::table(&exp);
     assert!(table.contains("peak MiB"), "{table}");
     assert!(xtask::stability::phase_table(&exp).contains("DeepNorm"));
+    // --replot redraws from the record alone.
+    let again = tmp.path().join("again");
+    opts.replot = Some(tmp.path().join("deepnet.json"));
+    opts.out = again.clone();
+    let json = |e: &Experiment| serde_json::to_string(e).unwrap();
+    assert_eq!(json(&deepnet::main(&opts).unwrap()), json(&back));
+    assert!(again.join("deepnet.png").is_file());
 }
 
 #[test]

@@ -60,4 +60,11 @@ fn quick_run_writes_every_step_and_the_curves() {
     assert_eq!(rec.runs[0].steps[0].loss, back.runs[0].steps[0].loss);
     let t = xtask::scaling::table(&rec);
     assert!(t.contains("epochs"), "{t}");
+    // --replot redraws from the record alone.
+    let again = tmp.path().join("again");
+    opts.replot = Some(tmp.path().join("scaling.json"));
+    opts.out = again.clone();
+    let json = |r: &ScalingRecord| serde_json::to_string(r).unwrap();
+    assert_eq!(json(&xtask::scaling::main(&opts).unwrap()), json(&back));
+    assert!(again.join("scaling.png").is_file());
 }

@@ -92,4 +92,11 @@ fn quick_run_records_clipping_and_routing() {
     assert_eq!(v.steps[0].loss, s.steps[0].loss);
     assert!(s.steps[0].grad_norm < v.steps[0].grad_norm);
     assert!(xtask::sparseclip::table(&rec).contains("4 experts, sparseclip"));
+    // --replot redraws from the record alone.
+    let again = tmp.path().join("again");
+    opts.replot = Some(tmp.path().join("sparseclip.json"));
+    opts.out = again.clone();
+    let json = |r: &SparseclipRecord| serde_json::to_string(r).unwrap();
+    assert_eq!(json(&xtask::sparseclip::main(&opts).unwrap()), json(&rec));
+    assert!(again.join("sparseclip.png").is_file());
 }

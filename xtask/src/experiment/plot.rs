@@ -50,6 +50,8 @@ pub struct Series {
     pub alpha: f64,
     /// Drawn dashed.
     pub dashed: bool,
+    /// A filled circle at every point.
+    pub markers: bool,
 }
 
 impl Series {
@@ -62,6 +64,7 @@ impl Series {
             width: 3,
             alpha: 1.0,
             dashed: false,
+            markers: false,
         }
     }
 
@@ -74,12 +77,19 @@ impl Series {
             width: 1,
             alpha: 0.25,
             dashed: false,
+            markers: false,
         }
     }
 
     /// Drawn dashed.
     pub fn dashed(mut self) -> Self {
         self.dashed = true;
+        self
+    }
+
+    /// With a filled circle at every point.
+    pub fn markers(mut self) -> Self {
+        self.markers = true;
         self
     }
 
@@ -230,6 +240,12 @@ fn draw_panel(
         let style = color.mix(s.alpha).stroke_width(s.width);
         let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, clamp(y))).collect();
         let legend_style = style;
+        if s.markers {
+            chart.draw_series(
+                pts.iter()
+                    .map(|&p| Circle::new(p, 2 + s.width, color.mix(s.alpha).filled())),
+            )?;
+        }
         let anno = if s.dashed {
             chart.draw_series(DashedLineSeries::new(pts, 10, 6, style))?
         } else {

@@ -88,8 +88,9 @@ pub struct PhaseTimes {
     /// The whole step.
     #[serde(with = "crate::stability::nan_as_null")]
     pub step: f64,
-    /// The caller's micro-batch closure: sampling the batch, the forward pass and the loss (with
-    /// activation checkpointing, less its backward pass, counted in `backward`).
+    /// The caller's micro-batch closure: sampling the batch, the forward pass and the loss. With
+    /// activation checkpointing the forward pass runs inside the checkpointed backward call and
+    /// is counted in `backward` with the recomputation; this is then only the batch sampling.
     #[serde(with = "crate::stability::nan_as_null")]
     pub forward: f64,
     /// The backward pass (NaN without the timing layer).
