@@ -255,11 +255,15 @@ fn draw_panel(
             any_label = true;
             let dashed = s.dashed;
             anno.label(l.clone()).legend(move |(x, y)| {
-                if dashed {
-                    PathElement::new(vec![(x, y), (x + 8, y)], legend_style)
+                // A dashed line's sample: two dashes.
+                let (a, b) = if dashed {
+                    ((0, 9), (15, 24))
                 } else {
-                    PathElement::new(vec![(x, y), (x + 24, y)], legend_style)
-                }
+                    ((0, 12), (12, 24))
+                };
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(a.0, 0), (a.1, 0)], legend_style)
+                    + PathElement::new(vec![(b.0, 0), (b.1, 0)], legend_style)
             });
         }
     }
