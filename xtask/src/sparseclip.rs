@@ -12,6 +12,11 @@
 //! number of experts and a fixed threshold clips the dense parameters harder the more experts
 //! there are; SparseClip weighs expert gradients by 1/E in the norm. For the dense model the two
 //! are the same computation (its two runs must agree to the last bit).
+//!
+//! In one process with the gradient divided by the global token count, as here, the expert
+//! gradients make up a small and shrinking share of the squared norm (at the default sizes, step
+//! 0: 2.8%, 1.2% and 0.9% with 8, 32 and 64 experts), so the two methods end within 0.01 nats
+//! of each other; `docs/experiments-draft.md` has the run.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
