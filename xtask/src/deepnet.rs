@@ -5,7 +5,7 @@
 //! memory and the per-phase step time of each technique.
 //!
 //! `--layers 200` is the 10-minute version; `--quick` a seconds-long smoke run (12 layers).
-//! Settings and the measured step times are in `docs/experiments-draft.md`.
+//! Settings and the measured step times are in README.md ("More experiments").
 
 use anyhow::Result;
 use torchscale_models::config::Technique;

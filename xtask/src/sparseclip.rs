@@ -16,7 +16,7 @@
 //! In one process with the gradient divided by the global token count, as here, the expert
 //! gradients make up a small and shrinking share of the squared norm (at the default sizes, step
 //! 0: 2.8%, 1.2% and 0.9% with 8, 32 and 64 experts), so the two methods end within 0.01 nats
-//! of each other; `docs/experiments-draft.md` has the run.
+//! of each other; README.md ("More experiments") has the run.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
