@@ -47,6 +47,11 @@ mkdir -p "$work/.cargo"
     printf '[profile.dev]\ndebug = 1\n[profile.dev.package."*"]\nopt-level = 3\n'
     printf '[profile.dev.package.torchscale-kernels]\nopt-level = 3\n'
 } >"$work/.cargo/config.toml"
+# `cargo package` stamps every file with one fixed old date, and the unpacked crates' build
+# hashes do not depend on their temporary folder: in a target folder that has built an older
+# package, cargo would take the new sources for unchanged and reuse the old build. Fresh dates
+# make it rebuild them.
+find "$work" -type f -exec touch {} +
 
 # The workspace's target folder: candle and the other registry crates, built with the same
 # profile and features, are reused rather than built again.
