@@ -20,7 +20,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use torchscale_core::Error as CoreError;
 use torchscale_models::data::ByteCorpus;
 use torchscale_models::lm::LanguageModel;
-use torchscale_models::train::{MicroBatch, StepCtx, StepReport, Trainer};
+use torchscale_models::train::{
+    AdamWConfig, ClipMode, InverseSqrt, MicroBatch, Schedule, StepCtx, StepReport, Trainer,
+    TrainerConfig,
+};
 
 use crate::stability::{unigram_entropy, StepRecord, ValidRecord};
 pub use timing::PhaseTimes;
@@ -70,6 +73,32 @@ impl Data {
     pub fn train_bytes(&self) -> usize {
         self.corpus.train_len()
     }
+}
+
+/// The experiments' trainer for `lm`: AdamW at peak `lr` after `warmup` updates of the inverse
+/// square root schedule, clipping by `clip`, `MAX_SKIPS` non-finite steps in a row at most.
+pub fn inverse_sqrt_trainer(
+    lm: &LanguageModel,
+    expert_params: &[Tensor],
+    seed: u64,
+    clip: ClipMode,
+    lr: f64,
+    warmup: u64,
+) -> Result<Trainer> {
+    Ok(Trainer::new(
+        &lm.store,
+        expert_params,
+        TrainerConfig {
+            seed,
+            clip,
+            max_consecutive_skips: MAX_SKIPS,
+        },
+        AdamWConfig {
+            lr,
+            ..AdamWConfig::default()
+        },
+        Schedule::InverseSqrt(InverseSqrt::new(lr, warmup)),
+    )?)
 }
 
 /// Validation NLL per byte; a diverged model's non-finite evaluation is recorded as NaN.

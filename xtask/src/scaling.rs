@@ -18,13 +18,11 @@ use serde::{Deserialize, Serialize};
 use torchscale_models::config::{DecoderConfig, Technique};
 use torchscale_models::data::BYTE_VOCAB;
 use torchscale_models::lm::{LanguageModel, LossConfig};
-use torchscale_models::train::{
-    AdamWConfig, ClipMode, InverseSqrt, Schedule, Trainer, TrainerConfig,
-};
+use torchscale_models::train::ClipMode;
 
 use crate::cli::{count, non_negative};
 use crate::experiment::plot::{self, Panel, Series};
-use crate::experiment::{self, mib, Data, LoopPlan, PhaseTimes, Progress, MAX_SKIPS};
+use crate::experiment::{self, mib, Data, LoopPlan, PhaseTimes, Progress};
 use crate::paths::{shown, workspace_root};
 use crate::stability::{
     nan_as_null, parse_technique, set_threads, technique_name, window, StepRecord, ValidRecord,
@@ -397,19 +395,13 @@ fn train_depth(
     ticker.begin();
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(layers), opts.seed)?;
-    let mut trainer = Trainer::new(
-        &lm.store,
+    let mut trainer = experiment::inverse_sqrt_trainer(
+        &lm,
         &lm.model.expert_parameters(),
-        TrainerConfig {
-            seed: opts.seed,
-            clip: ClipMode::GlobalNorm(opts.clip),
-            max_consecutive_skips: MAX_SKIPS,
-        },
-        AdamWConfig {
-            lr: opts.lr,
-            ..AdamWConfig::default()
-        },
-        Schedule::InverseSqrt(InverseSqrt::new(opts.lr, opts.warmup)),
+        opts.seed,
+        ClipMode::GlobalNorm(opts.clip),
+        opts.lr,
+        opts.warmup,
     )?;
     let loss_cfg = LossConfig {
         label_smoothing: 0.0,

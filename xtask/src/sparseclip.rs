@@ -31,14 +31,13 @@ use torchscale_models::config::{DecoderConfig, Technique};
 use torchscale_models::data::{BYTE_VOCAB, PAD};
 use torchscale_models::lm::LanguageModel;
 use torchscale_models::train::{
-    label_smoothed_cross_entropy, moe_balance_loss, AdamWConfig, AuxCombine, ClipMode, InverseSqrt,
-    MicroBatch, Schedule, Trainer, TrainerConfig,
+    label_smoothed_cross_entropy, moe_balance_loss, AuxCombine, ClipMode, MicroBatch,
 };
 use torchscale_models::DecoderInputs;
 
 use crate::cli::{count, non_negative};
 use crate::experiment::plot::{self, Panel, Series};
-use crate::experiment::{self, mib, Data, LoopPlan, PhaseTimes, Progress, MAX_SKIPS};
+use crate::experiment::{self, mib, Data, LoopPlan, PhaseTimes, Progress};
 use crate::paths::{shown, workspace_root};
 use crate::stability::{nan_as_null, set_threads, window, StepRecord, ValidRecord};
 
@@ -480,19 +479,13 @@ fn train_one(
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(experts), opts.seed)?;
     let expert_params = lm.model.expert_parameters();
-    let mut trainer = Trainer::new(
-        &lm.store,
+    let mut trainer = experiment::inverse_sqrt_trainer(
+        &lm,
         &expert_params,
-        TrainerConfig {
-            seed: opts.seed,
-            clip: mode,
-            max_consecutive_skips: MAX_SKIPS,
-        },
-        AdamWConfig {
-            lr: opts.lr,
-            ..AdamWConfig::default()
-        },
-        Schedule::InverseSqrt(InverseSqrt::new(opts.lr, opts.warmup)),
+        opts.seed,
+        mode,
+        opts.lr,
+        opts.warmup,
     )?;
     // The micro-batch closure leaves the step's routing statistics here for `after`.
     let stats: RefCell<Vec<RoutingStats>> = RefCell::new(Vec::new());

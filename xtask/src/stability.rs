@@ -44,11 +44,9 @@ use anyhow::{bail, ensure, Result};
 use torchscale_models::config::{DecoderConfig, Technique};
 use torchscale_models::data::BYTE_VOCAB;
 use torchscale_models::lm::{LanguageModel, LossConfig};
-use torchscale_models::train::{
-    AdamWConfig, ClipMode, InverseSqrt, Schedule, Trainer, TrainerConfig,
-};
+use torchscale_models::train::{AdamWConfig, ClipMode};
 
-use crate::experiment::{self, mib, Data, LoopPlan, Progress, MAX_SKIPS};
+use crate::experiment::{self, mib, Data, LoopPlan, Progress};
 use crate::paths::{shown, workspace_root};
 
 pub use plot::draw;
@@ -535,19 +533,13 @@ fn train_one(
     ticker.begin();
     let dev = candle_core::Device::Cpu;
     let lm = LanguageModel::new(opts.decoder_config(technique), opts.seed)?;
-    let mut trainer = Trainer::new(
-        &lm.store,
+    let mut trainer = experiment::inverse_sqrt_trainer(
+        &lm,
         &lm.model.expert_parameters(),
-        TrainerConfig {
-            seed: opts.seed,
-            clip: ClipMode::GlobalNorm(opts.clip),
-            max_consecutive_skips: MAX_SKIPS,
-        },
-        AdamWConfig {
-            lr: opts.lr,
-            ..AdamWConfig::default()
-        },
-        Schedule::InverseSqrt(InverseSqrt::new(opts.lr, opts.warmup)),
+        opts.seed,
+        ClipMode::GlobalNorm(opts.clip),
+        opts.lr,
+        opts.warmup,
     )?;
     let loss_cfg = LossConfig {
         label_smoothing: 0.0,

@@ -150,6 +150,52 @@ macro_rules! shared_builders {
 }
 pub(crate) use shared_builders;
 
+/// Expands, inside the `impl` of a one-stack config (decoder, encoder), to the accessors and
+/// setters of the per-layer extension fields (`layer_techniques`, `moe_layers`, `moe_router`,
+/// `moe_layer_routers`); the encoder-decoder names them per side.
+macro_rules! stack_per_layer_builders {
+    () => {
+        /// The technique of layer `i`: its `layer_techniques` entry, else the config's.
+        pub fn layer_technique(&self, i: usize) -> Technique {
+            per_layer::technique_at(&self.layer_techniques, self.technique(), i)
+        }
+        /// Whether layer `i` (0-based) is an MoE layer: listed in `moe_layers` when set, else
+        /// `moe_freq != 0 && (i + 1) % moe_freq == 0`.
+        pub fn is_moe_layer(&self, i: usize) -> bool {
+            per_layer::is_moe_layer(self.moe_layers.as_deref(), self.moe_freq, i)
+        }
+        /// Whether any layer is an MoE layer (by `moe_layers` or `moe_freq`).
+        pub fn has_moe_layers(&self) -> bool {
+            per_layer::has_moe_layers(self.moe_layers.as_deref(), self.moe_freq)
+        }
+        /// Sets `layer_techniques`.
+        pub fn with_layer_techniques(mut self, list: Vec<LayerTechnique>) -> Self {
+            self.layer_techniques = list;
+            self
+        }
+        /// Sets `moe_router` (every MoE layer's router unless `moe_layer_routers` names it).
+        pub fn with_moe_router(mut self, router: RouterChoice) -> Self {
+            self.moe_router = router;
+            self
+        }
+        /// Sets `moe_layer_routers`.
+        pub fn with_moe_layer_routers(mut self, list: Vec<LayerRouter>) -> Self {
+            self.moe_layer_routers = list;
+            self
+        }
+        /// The router of MoE layer `i`: its `moe_layer_routers` entry, else `moe_router`.
+        pub fn moe_router_of(&self, i: usize) -> &RouterChoice {
+            LayerRouter::router_of(&self.moe_layer_routers, &self.moe_router, i)
+        }
+        /// Sets `moe_layers` (None: every `moe_freq`-th layer).
+        pub fn with_moe_layers(mut self, layers: Option<Vec<usize>>) -> Self {
+            self.moe_layers = layers;
+            self
+        }
+    };
+}
+pub(crate) use stack_per_layer_builders;
+
 /// numpy's `linspace(0, rate, n)[i]`: `i · (rate / (n − 1))`, the last point exactly `rate`.
 pub(crate) fn linspace_at(rate: f64, n: usize, i: usize) -> f64 {
     if n <= 1 {

@@ -25,6 +25,7 @@ use torchscale_models::DecoderInputs;
 use torchscale_moe::{set_expert_compute, ExpertCompute, RouterChoice};
 
 use super::median;
+use super::train_report::load_average;
 use crate::paths::shown;
 
 /// `cargo xtask bench routing`.
@@ -137,13 +138,6 @@ struct Run {
     tokens: usize,
     without: usize,
     imbalance: Vec<f64>,
-}
-
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 impl RoutingArgs {
